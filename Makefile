@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Every target is idempotent:
+# set-up steps are stamped and re-run only when their inputs change.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+PROTOS := $(wildcard proto/liverec/v1/*.proto)
+STAMP_DEPS := $(VENV)/.deps-stamp
+STAMP_PROTO := liverec/v1/.proto-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup proto demo test bench clean broker system-deps
+
+setup: $(STAMP_DEPS) $(STAMP_PROTO)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch, then fbgemm-gpu-cpu, then torchrec without its deps (DESIGN.md "Dependencies that need care").
+$(STAMP_DEPS): $(VENV)/bin/python requirements/lock.txt pyproject.toml
+	$(PIP) install torch==2.13.0
+	$(PIP) install fbgemm-gpu-cpu==1.8.0
+	$(PIP) install --no-deps torchrec==1.8.0
+	$(PIP) install -r requirements/lock.txt
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $@
+
+$(STAMP_PROTO): $(STAMP_DEPS) $(PROTOS) liverec/platform/protogen.py
+	$(PY) -m liverec.platform.protogen
+	touch $@
+
+proto: $(STAMP_PROTO)
+
+system-deps:
+	bash .ci/system-deps
+
+demo: setup
+	$(VENV)/bin/liverec demo
+
+test: setup system-deps
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/liverec bench ingest
+	$(VENV)/bin/liverec bench store --quick
+
+broker: setup
+	$(VENV)/bin/liverec broker
+
+clean:
+	rm -rf $(VENV) liverec/v1 .pytest_cache .hypothesis

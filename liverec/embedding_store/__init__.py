@@ -1,0 +1,1 @@
+"""Collisionless hash embedding store (Monolith-style): admission, expiry, eviction, checkpoints."""

@@ -1,0 +1,1 @@
+"""Sequence encoder, scoring heads and state codecs, shared by trainer and serving."""

@@ -1,0 +1,1 @@
+"""gRPC Recommend service, state replica, scorer, request batching."""

@@ -1,0 +1,1 @@
+"""Online training loop, checkpoint/recovery, user-state refresh, parameter publishing."""
