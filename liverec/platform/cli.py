@@ -1,7 +1,174 @@
-"""The `liverec` command (filled in below)."""
+"""The `liverec` command line: one entry point for every process of the platform.
+
+Heavy imports (torch, kafka clients) happen inside the subcommands, so `liverec --help` and
+`liverec broker` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import signal
 import sys
+import threading
+from collections.abc import Callable
+
+from liverec.platform.config import ConfigError, LiverecConfig, load_config
+
+log = logging.getLogger("liverec")
+
+BENCHMARKS = ("ingest", "store", "store_gpu")
+
+
+def _config(args: argparse.Namespace) -> LiverecConfig:
+    config = load_config(args.config)
+    if args.bootstrap:
+        config = dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=args.bootstrap))
+    return config
+
+
+def _stop_event_on_signals() -> threading.Event:
+    """An event set by SIGINT/SIGTERM, so long-running commands can stop cleanly."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from liverec.platform.broker import LocalBroker
+
+    stop = _stop_event_on_signals()
+    with LocalBroker(port=args.port) as broker:
+        print(f"bootstrap_servers={broker.bootstrap}", flush=True)
+        stop.wait()
+    print("broker stopped", flush=True)
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from liverec.platform.kafka import ensure_topics
+
+    config = _config(args)
+    created = ensure_topics(config.kafka, config.topics)
+    print(json.dumps({"created": created}))
+    return 0
+
+
+def _parse_rate(text: str) -> float | None:
+    if text == "max":
+        return None
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rate must be a number of events/s or 'max', got {text!r}") from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"--rate must be > 0, got {text!r}")
+    return rate
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from liverec.platform.datasets import DatasetFormatError, SyntheticConfig, load_dataset
+    from liverec.platform.kafka import ensure_topics, make_producer
+    from liverec.platform.replay import rebase_times, replay
+
+    config = _config(args)
+    try:
+        result = load_dataset(args.dataset, format=args.format, lenient=args.lenient,
+                              synthetic_config=SyntheticConfig(seed=args.seed) if args.seed is not None else None)
+    except (DatasetFormatError, FileNotFoundError) as exc:
+        print(f"liverec replay: {exc}", file=sys.stderr)
+        return 2
+    table, shift_ms = (result.table, 0) if args.no_rebase else rebase_times(result.table)
+    topic = args.topic or config.topics.events
+    ensure_topics(config.kafka, config.topics)
+    producer = make_producer(config.kafka)
+    try:
+        report = replay(table, producer, topic, rate=args.rate, limit=args.limit, progress=not args.quiet)
+    finally:
+        producer.close()
+    summary = {
+        "topic": report.topic, "events": report.events, "bytes": report.bytes,
+        "seconds": round(report.seconds, 3), "events_per_s": round(report.events_per_s, 1),
+        "skipped_lines": result.skipped, "time_shift_ms": shift_ms,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"benchmarks.{args.name}")
+    return int(module.main(args.rest))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from liverec.platform.demo import run_demo
+
+    return run_demo(_config(args), args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liverec", description="Online-training recommendation platform.")
+    parser.add_argument("--config", help="YAML or TOML configuration file (LIVEREC_* variables override it)")
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("broker", help="run the local Kafka-protocol broker (Tansu) on 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="port to listen on (default: a free one)")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("topics", help="create the liverec topics that are missing (idempotent)")
+    p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("replay", help="publish a dataset to Kafka in event-time order")
+    p.add_argument("--dataset", default="synthetic", help="'synthetic' (default), a file, or a directory")
+    p.add_argument("--format", choices=("recbole", "movielens", "sequence"), help="file format (default: detected)")
+    p.add_argument("--lenient", action="store_true", help="skip and count malformed lines instead of failing")
+    p.add_argument("--rate", type=_parse_rate, default=None, help="events per second, or 'max' (default)")
+    p.add_argument("--limit", type=int, default=None, help="publish at most this many events")
+    p.add_argument("--topic", default=None, help="target topic (default: topics.events)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the synthetic generator")
+    p.add_argument("--no-rebase", action="store_true",
+                   help="keep original timestamps even if they predate 2000 (the trainer will dead-letter them)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("bench", help="run a benchmark (prints a table, writes benchmarks/results/NAME.json)")
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="run the platform end to end on this machine")
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("liverec: under construction", file=sys.stderr)
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"liverec: configuration error: {exc}", file=sys.stderr)
+        return 2
+    from liverec.platform.log import configure_logging
+
+    configure_logging(config.logging)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"liverec: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,286 @@
+"""Configuration: typed dataclasses loaded from YAML/TOML plus `LIVEREC_*` environment overrides.
+
+Every process validates its whole configuration at start-up, so a typo or a wrong type fails
+immediately with the dotted name of the field (`kafka.session_timeout_ms: expected int, got
+'abc'`) instead of surfacing minutes later inside a Kafka client.
+
+Environment overrides use `__` between levels: `LIVEREC_KAFKA__BOOTSTRAP_SERVERS=host:9092`
+sets `kafka.bootstrap_servers`. Values are parsed by the field's type (ints, floats, bools as
+true/false/1/0/yes/no, lists as JSON or comma-separated, `none`/empty for optional fields).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+ENV_PREFIX = "LIVEREC_"
+ENV_SEPARATOR = "__"
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; names the field."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        super().__init__(f"{field_path}: {message}")
+        self.field_path = field_path
+
+
+def _require(cond: bool, field_path: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(field_path, message)
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Connection settings shared by every Kafka client; security settings pass straight through."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "liverec"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    # Short group timeouts: group joins against small clusters (and the local broker) take
+    # about session_timeout_ms when a member left without saying so.
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 2000
+    request_timeout_ms: int = 30000
+    producer_linger_ms: int = 5
+    producer_batch_size: int = 262144
+    consumer_max_poll_records: int = 2000
+
+    def __post_init__(self) -> None:
+        _require(bool(self.bootstrap_servers.strip()), "kafka.bootstrap_servers", "must not be empty")
+        _require(self.session_timeout_ms > 0, "kafka.session_timeout_ms", "must be > 0")
+        _require(
+            0 < self.heartbeat_interval_ms < self.session_timeout_ms,
+            "kafka.heartbeat_interval_ms",
+            "must be > 0 and below session_timeout_ms",
+        )
+        _require(self.request_timeout_ms > 0, "kafka.request_timeout_ms", "must be > 0")
+        _require(self.producer_linger_ms >= 0, "kafka.producer_linger_ms", "must be >= 0")
+        _require(self.producer_batch_size > 0, "kafka.producer_batch_size", "must be > 0")
+        _require(self.consumer_max_poll_records > 0, "kafka.consumer_max_poll_records", "must be > 0")
+        if self.security_protocol.startswith("SASL"):
+            _require(self.sasl_mechanism is not None, "kafka.sasl_mechanism", "required with SASL")
+
+
+@dataclass(frozen=True)
+class TopicsConfig:
+    """Topic names and layout. Partitions of `events` bound the trainer's parallelism."""
+
+    events: str = "liverec.events"
+    dlq: str = "liverec.events.dlq"
+    user_state: str = "liverec.user-state"
+    params: str = "liverec.params"
+    partitions: int = 4
+    replication_factor: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("events", "dlq", "user_state", "params"):
+            value = getattr(self, name)
+            _require(
+                bool(value) and all(c.isalnum() or c in "._-" for c in value) and len(value) <= 249,
+                f"topics.{name}",
+                f"invalid Kafka topic name {value!r}",
+            )
+        _require(self.partitions >= 1, "topics.partitions", "must be >= 1")
+        _require(self.replication_factor >= 1, "topics.replication_factor", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True)
+class LiverecConfig:
+    """The whole configuration of a liverec process; sections are validated independently."""
+
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data_dir: str = "../shared/data"
+
+
+# --------------------------------------------------------------------------------------------
+# Generic, type-driven building and validation of dataclasses from plain mappings.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str, *, from_env: bool) -> Any:
+    """Check (and, for environment strings, parse) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (from_env and isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            _require(type(None) in args, path, "must not be null")
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _coerce(value, option, path, from_env=from_env)
+            except ConfigError:
+                continue
+        raise ConfigError(path, f"expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is Literal:
+        _require(value in args, path, f"expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _require(isinstance(value, Mapping), path, f"expected a table/mapping, got {type(value).__name__}")
+        return build(tp, value, path)
+    if origin in (list, tuple):
+        if from_env and isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+        _require(isinstance(value, (list, tuple)), path, f"expected a list, got {type(value).__name__}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{path}[{i}]", from_env=from_env) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if from_env and isinstance(value, str):
+            value = json.loads(value)
+        _require(isinstance(value, Mapping), path, f"expected a mapping, got {type(value).__name__}")
+        val_tp = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, val_tp, f"{path}.{k}", from_env=from_env) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if from_env and isinstance(value, str):
+            lowered = value.strip().lower()
+            _require(lowered in ("true", "false", "1", "0", "yes", "no"), path, f"expected a bool, got {value!r}")
+            return lowered in ("true", "1", "yes")
+        _require(isinstance(value, bool), path, f"expected bool, got {value!r}")
+        return value
+    if tp is int:
+        if from_env and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise ConfigError(path, f"expected int, got {value!r}") from None
+        _require(isinstance(value, int) and not isinstance(value, bool), path, f"expected int, got {value!r}")
+        return value
+    if tp is float:
+        if from_env and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise ConfigError(path, f"expected float, got {value!r}") from None
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), path, f"expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), path, f"expected str, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported config annotation {tp!r}")
+
+
+def build(cls: type[T], data: Mapping[str, Any], path: str = "", *, from_env: bool = False) -> T:
+    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types by field name."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        _require(key in known, f"{path}{key}" if not path else f"{path}.{key}", f"unknown field (known: {', '.join(known)})")
+    kwargs = {}
+    for name, value in data.items():
+        field_path = f"{path}.{name}" if path else name
+        kwargs[name] = _coerce(value, hints[name], field_path, from_env=from_env)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(path or cls.__name__, str(exc)) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("--config", f"no such file: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError("--config", f"unsupported extension {path.suffix!r} (use .yaml, .yml or .toml)")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError("--config", f"cannot parse {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping at the top level")
+    return data
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """Nest `LIVEREC_A__B=v` into {'a': {'b': 'v'}} (keys lower-cased)."""
+    nested: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = key[len(ENV_PREFIX):].lower().split(ENV_SEPARATOR)
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(parts), f"environment variable {key} conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> LiverecConfig:
+    """Load the configuration: defaults, then the file (if any), then `LIVEREC_*` overrides."""
+    env = os.environ if env is None else env
+    file_data = _read_file(Path(path)) if path else {}
+    base = build(LiverecConfig, file_data)
+    overrides = _env_overrides(env)
+    if not overrides:
+        return base
+    return _apply_env(base, overrides)
+
+
+def _apply_env(base: Any, overrides: Mapping[str, Any], path: str = "") -> Any:
+    """Apply string overrides to a built dataclass, parsing each by its field's type."""
+    hints = typing.get_type_hints(type(base))
+    names = {f.name for f in dataclasses.fields(base)}
+    changes = {}
+    for key, value in overrides.items():
+        field_path = f"{path}.{key}" if path else key
+        _require(key in names, field_path, f"unknown field (from environment {ENV_PREFIX}{field_path.upper().replace('.', ENV_SEPARATOR)})")
+        current = getattr(base, key)
+        if isinstance(value, Mapping):
+            _require(dataclasses.is_dataclass(current), field_path, "is not a section")
+            changes[key] = _apply_env(current, value, field_path)
+        else:
+            changes[key] = _coerce(value, hints[key], field_path, from_env=True)
+    try:
+        return dataclasses.replace(base, **changes)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(path or type(base).__name__, str(exc)) from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain mapping of a config (for logging the effective configuration at start-up)."""
+    data = dataclasses.asdict(config)
+    if isinstance(data.get("kafka"), dict) and data["kafka"].get("sasl_password"):
+        data["kafka"]["sasl_password"] = "***"
+    return data

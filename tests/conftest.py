@@ -1,0 +1,49 @@
+"""Shared fixtures: one real Tansu broker for the whole session, isolated topics per test."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from liverec.platform.broker import LocalBroker
+from liverec.platform.config import LiverecConfig, TopicsConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("LIVEREC_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+ML100K = DATA_DIR / "ml-100k"
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[LocalBroker]:
+    with LocalBroker() as running:
+        yield running
+
+
+@pytest.fixture
+def config(broker: LocalBroker) -> LiverecConfig:
+    """A config pointing at the session broker with topic names unique to this test."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    base = LiverecConfig()
+    topics = TopicsConfig(
+        events=f"{prefix}.events", dlq=f"{prefix}.events.dlq",
+        user_state=f"{prefix}.user-state", params=f"{prefix}.params", partitions=4,
+    )
+    return dataclasses.replace(base, kafka=dataclasses.replace(base.kafka, bootstrap_servers=broker.bootstrap),
+                               topics=topics)
+
+
+@pytest.fixture
+def cli_env(config: LiverecConfig) -> dict[str, str]:
+    """Environment for a `liverec` subprocess using this test's broker and topics."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEREC_")}
+    env["LIVEREC_KAFKA__BOOTSTRAP_SERVERS"] = config.kafka.bootstrap_servers
+    for name in ("events", "dlq", "user_state", "params"):
+        env[f"LIVEREC_TOPICS__{name.upper()}"] = getattr(config.topics, name)
+    env["LIVEREC_TOPICS__PARTITIONS"] = str(config.topics.partitions)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
