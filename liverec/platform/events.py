@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from liverec.platform.datasets import EventTable
 from liverec.v1 import events_pb2
+
+if TYPE_CHECKING:
+    from liverec.platform.datasets import EventTable
 
 Action = events_pb2.Action
 
