@@ -1,0 +1,128 @@
+"""The whole model: encoder + retrieval head + target-attention head, and its training loss.
+
+The trainer's step stays three lines: look up the embeddings of a `TrainBatch` in the store
+(with autograd), `losses = model(batch)`, `losses.total.backward()` then step dense Adam and
+the store's sparse optimizer. Serving uses the inference methods with a device item table and
+never touches the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from liverec.model.config import ModelConfig
+from liverec.model.encoder import KVCache, SequenceEncoder
+from liverec.model.heads import RetrievalHead, TargetAttentionHead
+from liverec.model.losses import bce_ranking_loss, sampled_softmax_loss
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """A batch of event windows, one row per user, in time order (padding anywhere, see `valid`).
+
+    Slot t of the history (events 0..L-1) predicts event t+1, so events carry L+1 slots.
+
+    item_emb  `[B, L+1, D]` the events' item embeddings, looked up by the caller.
+    item_ids  `[B, L+1]` long, item ids (accidental-hit masking).
+    actions   `[B, L+1]` long, action ids (< encoder.num_actions; anything valid in padding).
+    valid     `[B, L+1]` bool, real events.
+    log_q     `[B, L+1]` log frequency of each event's item, e.g. log(count / total) from the store.
+    neg_emb   `[N, D]`, neg_ids `[N]`, log_q_neg `[N]`: uniform negatives and their log probability.
+    loss_mask `[B, L]` bool, which targets (events 1..L) count; default: every valid event that
+              has a valid event right before it. Online training sets it to the new events only.
+    start_pos `[B]` long, absolute position of each row's first valid event (default 0).
+    """
+
+    item_emb: Tensor
+    item_ids: Tensor
+    actions: Tensor
+    valid: Tensor
+    log_q: Tensor
+    neg_emb: Tensor
+    neg_ids: Tensor
+    log_q_neg: Tensor
+    loss_mask: Tensor | None = None
+    start_pos: Tensor | None = None
+
+
+class Losses(NamedTuple):
+    total: Tensor
+    retrieval: Tensor
+    ranking: Tensor
+
+
+class ItemSide(NamedTuple):
+    """Per-model-version item tensors: `retrieval [N, D]`, `ranking [N, 2D]` (gather by id)."""
+
+    retrieval: Tensor
+    ranking: Tensor
+
+
+class SequentialRecommender(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = SequenceEncoder(config.encoder)
+        self.retrieval = RetrievalHead(config.encoder.dim)
+        self.ranker = TargetAttentionHead(config)
+
+    def forward(self, batch: TrainBatch) -> Losses:
+        """Losses of next-event prediction at every target selected by `loss_mask`."""
+        cfg = self.config
+        valid = batch.valid.bool()
+        hist_valid, target_valid = valid[:, :-1], valid[:, 1:]
+        out = self.encoder(batch.item_emb[:, :-1], batch.actions[:, :-1], hist_valid, batch.start_pos)
+        assert out.query_hidden is not None
+        mask = batch.loss_mask.bool() & target_valid if batch.loss_mask is not None else target_valid & hist_valid
+
+        targets = batch.item_emb[:, 1:]
+        pos_ids = batch.item_ids[:, 1:][mask]
+        retrieval = sampled_softmax_loss(
+            self.retrieval.user_side(out.query_hidden[mask]),
+            self.retrieval.item_side(targets[mask]),
+            pos_ids,
+            self.retrieval.item_side(batch.neg_emb),
+            batch.neg_ids,
+            batch.log_q[:, 1:][mask],
+            batch.log_q_neg,
+            in_batch=cfg.in_batch_negatives,
+            temperature=cfg.temperature,
+        )
+
+        # Ranking: at every slot, the true next item against the first K uniform negatives.
+        b, length, d = targets.shape
+        k = min(cfg.rank_negatives, batch.neg_emb.shape[0])
+        cands = torch.cat((targets[:, :, None], batch.neg_emb[:k].expand(b, length, k, d)), dim=2)
+        slot = torch.arange(length, device=valid.device)
+        key_mask = (slot[None, :] <= slot[:, None]) & hist_valid[:, None, :]
+        keys, values = out.kv.layers[-1]
+        logits = self.ranker(self.ranker.item_side(cands), out.query_pos, keys, values, key_mask, out.query_hidden)
+        logits = logits[mask]
+        ranking = bce_ranking_loss(logits[:, 0], logits[:, 1:], batch.neg_ids[:k][None, :] != pos_ids[:, None])
+        return Losses(retrieval + cfg.rank_weight * ranking, retrieval, ranking)
+
+    def item_side(self, item_emb: Tensor) -> ItemSide:
+        """Item tensors for scoring `item_emb [N, D]`; compute once per model version."""
+        return ItemSide(self.retrieval.item_side(item_emb), self.ranker.item_side(item_emb))
+
+    def encode(
+        self, item_emb: Tensor, actions: Tensor, valid: Tensor | None = None, start_pos: Tensor | None = None
+    ) -> KVCache:
+        """Encode histories `[B, L]` into a cache (one slot per input slot)."""
+        return self.encoder(item_emb, actions, valid, start_pos, queries=False).kv
+
+    def user_hidden(self, cache: KVCache) -> Tensor:
+        """Query-token hidden state `[B, D]` over the cache; feeds both heads."""
+        return self.encoder.query(cache)
+
+    def retrieval_scores(self, user_hidden: Tensor, item_rows: Tensor) -> Tensor:
+        """`[B, D]` user hidden against `ItemSide.retrieval [N, D]` -> `[B, N]`."""
+        return self.retrieval.score_all(self.retrieval.user_side(user_hidden), item_rows)
+
+    def ranking_scores(self, cache: KVCache, user_hidden: Tensor, cand_rows: Tensor) -> Tensor:
+        """Candidates' `ItemSide.ranking` rows `[B, C, 2D]` -> logits `[B, C]`."""
+        return self.ranker.score(cache, user_hidden, cand_rows)
