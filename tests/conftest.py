@@ -47,3 +47,10 @@ def cli_env(config: LiverecConfig) -> dict[str, str]:
     env["LIVEREC_TOPICS__PARTITIONS"] = str(config.topics.partitions)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Path:
+    """The MovieLens 100K directory beside the repository (never copied into it)."""
+    assert (ML100K / "ml-100k.inter").is_file(), f"ml-100k not found under {DATA_DIR}; set LIVEREC_DATA_DIR"
+    return ML100K

@@ -24,6 +24,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from liverec.model.config import ModelConfig
+
 ENV_PREFIX = "LIVEREC_"
 ENV_SEPARATOR = "__"
 
@@ -111,12 +113,52 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class TrainerConfig:
+    """The online trainer. Micro-batches close at `batch_events` events or `batch_max_ms`, whichever first.
+
+    In `deterministic` mode batches are cut by offsets instead (`batch_events` per partition,
+    partitions merged in a fixed order), so replaying the same log gives bit-identical state.
+    """
+
+    group_id: str = "liverec-trainer"
+    state_dir: str = "runs/trainer"
+    batch_events: int = 256
+    batch_max_ms: int = 200
+    history_len: int = 50
+    negatives: int = 256
+    dense_lr: float = 1e-3
+    item_lr: float = 0.05
+    min_count: int = 1
+    item_ttl_s: int | None = None
+    checkpoint_every_events: int = 20_000
+    checkpoint_every_s: float = 60.0
+    checkpoints_kept: int = 3
+    expire_every_events: int = 10_000
+    deterministic: bool = False
+    seed: int = 0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9400
+
+    def __post_init__(self) -> None:
+        for name in ("batch_events", "batch_max_ms", "history_len", "negatives", "checkpoint_every_events",
+                     "checkpoints_kept", "expire_every_events", "min_count"):
+            _require(getattr(self, name) >= 1, f"trainer.{name}", "must be >= 1")
+        _require(self.dense_lr > 0, "trainer.dense_lr", "must be > 0")
+        _require(self.item_lr > 0, "trainer.item_lr", "must be > 0")
+        _require(self.checkpoint_every_s > 0, "trainer.checkpoint_every_s", "must be > 0")
+        _require(self.item_ttl_s is None or self.item_ttl_s > 0, "trainer.item_ttl_s", "must be > 0 or null")
+        _require(0 <= self.metrics_port < 65536, "trainer.metrics_port", "must be a port number (0 = any free)")
+
+
+@dataclass(frozen=True)
 class LiverecConfig:
     """The whole configuration of a liverec process; sections are validated independently."""
 
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     topics: TopicsConfig = field(default_factory=TopicsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     data_dir: str = "../shared/data"
 
 
