@@ -1,0 +1,198 @@
+"""A collisionless key -> row index: open addressing over the batched kernels, plus row allocation.
+
+The slot arrays live on the index's device and are only ever touched by the kernel module for
+that device (`kernels_for`), so this class is device-agnostic. Two distinct keys never share a
+row: a key gets a row only through `insert`, which takes rows from the free list, and a row
+returns to the free list only when `erase` removed its key.
+
+Row allocation is deliberately outside the kernels and deterministic: new keys are inserted in
+sorted order and take the lowest free rows first (then rows above the high-water mark). The
+free rows are therefore always exactly the rows below the high-water mark that hold no key,
+which is why a checkpoint only has to store (key, row) pairs and the high-water mark, and why
+CPU and CUDA assign the same rows even though their slot positions may differ.
+
+Growth: before an insert, if live keys plus tombstones plus the new keys would pass `max_load`,
+the index rehashes into a larger power of two (or the same size, if tombstones were the
+problem). Tombstones are counted conservatively (an insert may silently reuse one, the kernel
+contract does not report it), so a rehash can come a little early but never late: a probe
+always ends at an EMPTY slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from liverec.embedding_store.kernels import EMPTY_KEY, TOMBSTONE_KEY, kernels_for
+
+
+def check_keys(keys: torch.Tensor, device: torch.device) -> None:
+    """Refuse anything but a 1-D int64 tensor of valid feature ids on `device`."""
+    if not isinstance(keys, torch.Tensor):
+        raise TypeError(f"keys must be a torch.Tensor of int64, got {type(keys).__name__}")
+    if keys.dtype != torch.int64:
+        raise TypeError(f"keys must be int64, got {keys.dtype}")
+    if keys.device != device:
+        raise ValueError(f"keys are on {keys.device}, the index is on {device}")
+    if keys.dim() != 1:
+        raise ValueError(f"keys must be 1-D, got shape {tuple(keys.shape)}")
+    if keys.numel() and int(keys.min()) <= TOMBSTONE_KEY:
+        raise ValueError(
+            f"keys {EMPTY_KEY} and {TOMBSTONE_KEY} are reserved sentinels, not feature ids"
+        )
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
+
+
+class HashIndex:
+    """Batched map from int64 keys to int64 rows, with a deterministic row allocator."""
+
+    def __init__(self, capacity: int = 1024, *, max_load: float = 0.5, device: torch.device | str = "cpu") -> None:
+        if not 0.0 < max_load < 1.0:
+            raise ValueError(f"max_load must be in (0, 1), got {max_load}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.device = torch.device(device)
+        self.max_load = max_load
+        self._kernels = kernels_for(self.device)
+        self._live = 0
+        self._tombstones = 0
+        self._high_water = 0
+        self._free = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._alloc_slots(_power_of_two_at_least(capacity))
+
+    def _alloc_slots(self, capacity: int) -> None:
+        self.slot_keys = torch.full((capacity,), EMPTY_KEY, dtype=torch.int64, device=self.device)
+        self.slot_vals = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        """Number of slots (a power of two)."""
+        return self.slot_keys.numel()
+
+    @property
+    def high_water(self) -> int:
+        """Rows [0, high_water) have been handed out at some point; dense row tensors need this many."""
+        return self._high_water
+
+    @property
+    def load(self) -> float:
+        """Fraction of slots holding a key or (at most) a tombstone; what growth is decided on."""
+        return (self._live + self._tombstones) / self.capacity
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: both slot arrays and the free list."""
+        return (self.slot_keys.numel() + self.slot_vals.numel() + self._free.numel()) * 8
+
+    def __len__(self) -> int:
+        return self._live
+
+    def find(self, keys: torch.Tensor) -> torch.Tensor:
+        """Row of each key, -1 where absent."""
+        check_keys(keys, self.device)
+        return self._kernels.find(self.slot_keys, self.slot_vals, keys)
+
+    def insert(self, keys: torch.Tensor) -> torch.Tensor:
+        """Give each of `keys` (sorted, unique, absent) a row, in order; returns those rows."""
+        check_keys(keys, self.device)
+        if keys.numel() == 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            raise ValueError("insert takes sorted unique keys (deduplicate misses with torch.unique)")
+        if bool((self._kernels.find(self.slot_keys, self.slot_vals, keys) >= 0).any()):
+            raise ValueError("insert takes absent keys only; a present key would get a second row")
+        self._reserve(keys.numel())
+        rows = self._allocate(keys.numel())
+        self._kernels.insert(self.slot_keys, self.slot_vals, keys, rows)
+        self._live += keys.numel()
+        return rows
+
+    def find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row of each key, inserting the absent ones (deduplicated, sorted, rows in that order).
+
+        Returns (rows per key, the new keys, their rows).
+        """
+        rows = self.find(keys)
+        missing = rows < 0
+        new_keys = torch.unique(keys[missing])
+        new_rows = self.insert(new_keys)
+        if new_keys.numel():
+            rows[missing] = new_rows[torch.searchsorted(new_keys, keys[missing])]
+        return rows, new_keys, new_rows
+
+    def erase(self, keys: torch.Tensor) -> torch.Tensor:
+        """Remove each key (duplicates allowed); returns its freed row, -1 where it was absent."""
+        check_keys(keys, self.device)
+        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        freed = self._kernels.erase(self.slot_keys, self.slot_vals, unique_keys)
+        released = freed[freed >= 0]
+        self._live -= released.numel()
+        self._tombstones += released.numel()
+        self._release(released)
+        return freed[inverse]
+
+    def items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All (keys, rows), ordered by row."""
+        held = self.slot_keys > TOMBSTONE_KEY
+        keys, rows = self.slot_keys[held], self.slot_vals[held]
+        order = torch.argsort(rows)
+        return keys[order], rows[order]
+
+    def rehash(self, capacity: int) -> None:
+        """Move every key into a fresh table of `capacity` slots (tombstones dropped; rows kept)."""
+        capacity = _power_of_two_at_least(capacity)
+        if self._live > self.max_load * capacity:
+            raise ValueError(f"{self._live} keys do not fit {capacity} slots at max_load {self.max_load}")
+        held = self.slot_keys > TOMBSTONE_KEY
+        keys, rows = self.slot_keys[held], self.slot_vals[held]
+        self._alloc_slots(capacity)
+        self._kernels.insert(self.slot_keys, self.slot_vals, keys, rows)
+        self._tombstones = 0
+
+    def _reserve(self, incoming: int) -> None:
+        """Rehash first if the insert would push load (tombstones included) past max_load."""
+        if self._live + self._tombstones + incoming <= self.max_load * self.capacity:
+            return
+        capacity = self.capacity
+        while self._live + incoming > self.max_load * capacity / 2:
+            capacity *= 2
+        self.rehash(capacity)
+
+    def _allocate(self, n: int) -> torch.Tensor:
+        """The n lowest free rows, then fresh rows from the high-water mark."""
+        reused = self._free[:n]
+        self._free = self._free[reused.numel():]
+        fresh = torch.arange(self._high_water, self._high_water + n - reused.numel(), device=self.device)
+        self._high_water += fresh.numel()
+        return torch.cat([reused, fresh])
+
+    def _release(self, rows: torch.Tensor) -> None:
+        if rows.numel():
+            self._free = torch.sort(torch.cat([self._free, rows])).values
+
+    @classmethod
+    def from_items(
+        cls, keys: torch.Tensor, rows: torch.Tensor, *, high_water: int, capacity: int, max_load: float,
+        device: torch.device | str,
+    ) -> HashIndex:
+        """Rebuild an index holding exactly these (key, row) pairs; free rows are the rest below
+        `high_water`, so later inserts allocate exactly as the original index would have."""
+        index = cls(capacity, max_load=max_load, device=device)
+        check_keys(keys, index.device)
+        if keys.numel() != rows.numel():
+            raise ValueError(f"{keys.numel()} keys but {rows.numel()} rows")
+        if keys.numel() and (int(rows.min()) < 0 or int(rows.max()) >= high_water):
+            raise ValueError(f"rows must lie in [0, {high_water}), the high-water mark")
+        if torch.unique(keys).numel() != keys.numel() or torch.unique(rows).numel() != rows.numel():
+            raise ValueError("keys and rows must each be unique: two keys never share a row")
+        while keys.numel() > index.max_load * index.capacity:
+            index._alloc_slots(index.capacity * 2)
+        index._kernels.insert(index.slot_keys, index.slot_vals, keys, rows)
+        index._live = keys.numel()
+        index._high_water = high_water
+        used = torch.zeros(high_water, dtype=torch.bool, device=index.device)
+        used[rows] = True
+        index._free = torch.nonzero(~used).flatten()
+        return index

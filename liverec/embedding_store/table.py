@@ -1,0 +1,379 @@
+"""One embedding table: a hash index from keys to rows, and dense per-row tensors.
+
+Everything per row lives in a dense tensor indexed by row: the weights, the optimizer state, the
+row's key, the event time of its last update, its count and its dirty flags. A batch operation is
+therefore a handful of gathers and scatters over row indices, on whatever device the table is on.
+
+Train lookups follow the Monolith lifecycle:
+
+1. find every key; the misses are keys without a row;
+2. admission: misses are counted in the count-min sketch; those whose estimate reached
+   `min_count` are admitted (deduplicated, sorted), the rest read zeros and get no update;
+3. if `max_rows` would be exceeded, evict (LRU by last update, LFU by count, ties by smaller key)
+   among rows not in use by this step; if too few can go, only the smallest new keys are admitted;
+4. new keys get rows from the index (lowest free rows first) and deterministic initial weights;
+5. every row hit is touched: its count grows by its occurrences and its last update becomes the
+   event time (never moving backwards).
+
+Rows returned by a train lookup are pinned until `apply_gradients` on this table (or `unpin`):
+neither eviction nor expiry may hand a row to another key while its gradient is still coming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from liverec.embedding_store import optimizers
+from liverec.embedding_store.admission import CountMinSketch
+from liverec.embedding_store.config import TableConfig
+from liverec.embedding_store.dirty import ChangeLog
+from liverec.embedding_store.hash_index import HashIndex
+from liverec.embedding_store.hashing import derive_seed
+from liverec.embedding_store.initializer import initial_rows
+from liverec.embedding_store.kernels import EMPTY_KEY
+
+COUNT_CAP = 2**30
+COUNTERS = ("admitted", "filtered", "expired", "evicted", "rejected_gradients")
+
+
+@dataclass(frozen=True)
+class TableStats:
+    """What a table holds and what it has done; the trainer exports these as metrics.
+
+    bytes_overhead is everything beyond weights and optimizer state: the hash index slots, the
+    per-row metadata (key, last update, count, dirty flags), the free list and the sketch.
+    """
+
+    rows: int
+    capacity: int
+    row_capacity: int
+    load: float
+    admitted: int
+    filtered: int
+    expired: int
+    evicted: int
+    rejected_gradients: int
+    bytes_weights: int
+    bytes_optimizer: int
+    bytes_index: int
+    bytes_metadata: int
+    bytes_sketch: int
+
+    @property
+    def bytes_used(self) -> int:
+        return self.bytes_weights + self.bytes_optimizer + self.bytes_overhead
+
+    @property
+    def bytes_overhead(self) -> int:
+        return self.bytes_index + self.bytes_metadata + self.bytes_sketch
+
+    @property
+    def overhead_bytes_per_row(self) -> float:
+        return self.bytes_overhead / max(self.rows, 1)
+
+    @property
+    def metadata_bytes_per_row(self) -> float:
+        return self.bytes_metadata / max(self.rows, 1)
+
+
+@dataclass(frozen=True)
+class TableDelta:
+    """Changes since a mark: rows to upsert (keys, their weights) and keys to drop."""
+
+    keys: torch.Tensor
+    weights: torch.Tensor
+    removed: torch.Tensor
+    version: int
+
+
+class Table:
+    """A collisionless embedding table on one device."""
+
+    def __init__(self, config: TableConfig, *, seed: int, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.init_seed = derive_seed(seed, config.name)
+        slots = int(config.initial_capacity / config.max_load) + 1
+        self.index = HashIndex(slots, max_load=config.max_load, device=device)
+        self.sketch = (
+            CountMinSketch(config.sketch_epsilon, config.sketch_delta, seed=derive_seed(seed, config.name, "sketch"),
+                           device=device)
+            if config.min_count > 1 else None
+        )
+        rows = config.initial_capacity
+        self.weights = torch.zeros(rows, config.dim, dtype=config.torch_dtype, device=device)
+        self.state = {name: optimizers.initial_state(config, name, rows, device) for name in optimizers.state_columns(config)}
+        self.keys_by_row = torch.full((rows,), EMPTY_KEY, dtype=torch.int64, device=device)
+        self.last_update = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.logs: dict[str, ChangeLog] = {}
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._pins: list[torch.Tensor] = []
+
+    @property
+    def row_capacity(self) -> int:
+        return self.keys_by_row.numel()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # ----------------------------------------------------------------- lookups
+
+    def lookup(self, keys: torch.Tensor, *, train: bool, now_s: int | None) -> torch.Tensor:
+        """Row per key (-1: no row). In train mode, admit, insert, evict and touch (see module doc)."""
+        rows = self.index.find(keys)
+        if not train:
+            return rows
+        if now_s is None:
+            raise ValueError("a train lookup needs now_s, the batch's event time in seconds")
+        missing = rows < 0
+        if bool(missing.any()):
+            self._admit(keys, rows, missing, int(now_s))
+            self.counters["filtered"] += int((rows < 0).sum())
+        self._touch(rows, int(now_s))
+        self._pins.append(rows)
+        return rows
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Weights of `rows`; zeros where the row is -1 (an unadmitted key)."""
+        absent = rows < 0
+        weights = self.weights.index_select(0, rows.clamp(min=0))
+        if bool(absent.any()):
+            weights.masked_fill_(absent.unsqueeze(1), 0)
+        return weights
+
+    def frequency(self, keys: torch.Tensor) -> torch.Tensor:
+        """Train-lookup count per key: the row's count if admitted, else the sketch estimate."""
+        rows = self.index.find(keys)
+        counts = self.counts.index_select(0, rows.clamp(min=0)).long()
+        if self.sketch is None:
+            return torch.where(rows >= 0, counts, 0)
+        return torch.where(rows >= 0, counts, self.sketch.estimate(keys))
+
+    def items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, weights) of every row, ordered by row: the catalog for full scoring."""
+        keys, rows = self.index.items()
+        return keys, self.weights.index_select(0, rows)
+
+    def _admit(self, keys: torch.Tensor, rows: torch.Tensor, missing: torch.Tensor, now_s: int) -> None:
+        missed = keys[missing]
+        if self.sketch is None:
+            candidates = torch.unique(missed)
+        else:
+            ready = self.sketch.add_and_estimate(missed) >= self.config.min_count
+            candidates = torch.unique(missed[ready])
+        if candidates.numel() == 0:
+            return
+        candidates = candidates[: self._make_room(candidates.numel(), in_use=rows)]
+        if candidates.numel() == 0:
+            return
+        new_rows = self.index.insert(candidates)
+        self._ensure_row_capacity(self.index.high_water)
+        self._init_rows(candidates, new_rows, now_s)
+        self.counters["admitted"] += candidates.numel()
+        position = torch.searchsorted(candidates, missed).clamp_max_(candidates.numel() - 1)
+        admitted = candidates[position] == missed
+        rows[missing] = torch.where(admitted, new_rows[position], -1)
+
+    def _init_rows(self, keys: torch.Tensor, rows: torch.Tensor, now_s: int) -> None:
+        self.weights[rows] = initial_rows(self.config, self.init_seed, keys)
+        for name, state in self.state.items():
+            state[rows] = optimizers.initial_state(self.config, name, rows.numel(), self.device)
+        self.keys_by_row[rows] = keys
+        self.last_update[rows] = now_s
+        self.counts[rows] = 0
+        self._changed(rows)
+
+    def _touch(self, rows: torch.Tensor, now_s: int) -> None:
+        hit = rows[rows >= 0]
+        if hit.numel() == 0:
+            return
+        self.counts.index_add_(0, hit, torch.ones_like(hit, dtype=torch.int32))
+        self.counts[hit] = self.counts[hit].clamp_max_(COUNT_CAP)
+        self.last_update[hit] = self.last_update[hit].clamp_min_(now_s)
+        self._changed(hit)
+
+    # ----------------------------------------------------------------- updates
+
+    def apply_gradients(self, rows: torch.Tensor, grads: torch.Tensor) -> int:
+        """One optimizer step on the rows of a train lookup; duplicate rows' gradients summed first.
+
+        Rows of -1 (unadmitted keys) are skipped. A row whose summed gradient is not finite is
+        rejected: left untouched and counted. Returns the number of rejected rows. Unpins the table.
+        """
+        self._check_grads(rows, grads)
+        self._pins.clear()
+        present = rows >= 0
+        unique_rows, inverse = torch.unique(rows[present], return_inverse=True)
+        summed = torch.zeros(unique_rows.numel(), self.config.dim, dtype=torch.float32, device=self.device)
+        summed.index_add_(0, inverse, grads[present].float())
+        finite = torch.isfinite(summed).all(dim=1)
+        rejected = int((~finite).sum())
+        if rejected:
+            self.counters["rejected_gradients"] += rejected
+            unique_rows, summed = unique_rows[finite], summed[finite]
+        optimizers.update(self.config, self.weights, self.state, unique_rows, summed)
+        self._changed(unique_rows)
+        return rejected
+
+    def _check_grads(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
+        if not isinstance(grads, torch.Tensor) or not grads.is_floating_point():
+            raise TypeError(f"gradients must be a floating-point tensor, got {getattr(grads, 'dtype', type(grads))}")
+        if grads.device != self.device or rows.device != self.device:
+            raise ValueError(f"gradients on {grads.device} and rows on {rows.device}; table {self.config.name!r} is on {self.device}")
+        if rows.dtype != torch.int64 or rows.dim() != 1:
+            raise TypeError(f"rows must be a 1-D int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
+        if grads.shape != (rows.numel(), self.config.dim):
+            raise ValueError(f"gradients have shape {tuple(grads.shape)}, expected {(rows.numel(), self.config.dim)}")
+
+    def unpin(self) -> None:
+        """Release the rows of train lookups whose gradients will not come (an abandoned step)."""
+        self._pins.clear()
+
+    # ----------------------------------------------------------------- removal
+
+    def expire(self, now_s: int) -> int:
+        """Remove every unpinned row last updated before now_s - ttl_s; returns how many."""
+        if self.config.ttl_s is None:
+            return 0
+        live = self._unpinned_live_mask()
+        stale = live & (self.last_update[: live.numel()] < int(now_s) - self.config.ttl_s)
+        rows = torch.nonzero(stale).flatten()
+        self._remove(rows, "expired")
+        return rows.numel()
+
+    def _make_room(self, incoming: int, in_use: torch.Tensor) -> int:
+        """Evict so `incoming` new rows fit max_rows; returns how many of them now fit."""
+        if self.config.max_rows is None:
+            return incoming
+        room = self.config.max_rows - len(self.index)
+        if incoming <= room:
+            return incoming
+        victims = self._victims(incoming - room, in_use)
+        self._remove(victims, "evicted")
+        return room + victims.numel()
+
+    def _victims(self, count: int, in_use: torch.Tensor) -> torch.Tensor:
+        """The `count` least recently updated (LRU) or least counted (LFU) evictable rows."""
+        live = self._unpinned_live_mask()
+        live[in_use[in_use >= 0]] = False
+        candidates = torch.nonzero(live).flatten()
+        if candidates.numel() <= count:
+            return candidates
+        source = self.last_update if self.config.eviction == "lru" else self.counts
+        score = source.index_select(0, candidates).long()
+        threshold = torch.kthvalue(score, count).values
+        below = candidates[score < threshold]
+        tied = candidates[score == threshold]
+        tied = tied[torch.argsort(self.keys_by_row[tied])][: count - below.numel()]
+        return torch.cat([below, tied])
+
+    def _unpinned_live_mask(self) -> torch.Tensor:
+        live = self.keys_by_row[: self.index.high_water] != EMPTY_KEY
+        for rows in self._pins:
+            live[rows[rows >= 0]] = False
+        return live
+
+    def _remove(self, rows: torch.Tensor, reason: str) -> None:
+        if rows.numel() == 0:
+            return
+        keys = self.keys_by_row[rows]
+        self.index.erase(keys)
+        self.keys_by_row[rows] = EMPTY_KEY
+        for log in self.logs.values():
+            log.keys_removed(keys)
+        self.counters[reason] += rows.numel()
+
+    # ----------------------------------------------------------------- dirty tracking
+
+    def start_log(self, cursor: str) -> None:
+        """(Re)start tracking changes for `cursor` ("delta" or "checkpoint") from now."""
+        self.logs[cursor] = ChangeLog(self.row_capacity, self.device)
+
+    def changes(self, cursor: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows changed and still live, keys removed and not live again) since `cursor` started."""
+        log = self.logs.get(cursor)
+        if log is None:
+            raise RuntimeError(f"no change log {cursor!r} on table {self.config.name!r}: start it first")
+        high = self.index.high_water
+        changed = log.changed[:high] & (self.keys_by_row[:high] != EMPTY_KEY)
+        removed = log.removed_keys()
+        return torch.nonzero(changed).flatten(), removed[self.index.find(removed) < 0]
+
+    def delta(self, version: int) -> TableDelta:
+        rows, removed = self.changes("delta")
+        return TableDelta(self.keys_by_row[rows], self.weights[rows], removed, version)
+
+    def _changed(self, rows: torch.Tensor) -> None:
+        for log in self.logs.values():
+            log.rows_changed(rows)
+
+    # ----------------------------------------------------------------- checkpoint support
+
+    def columns(self) -> dict[str, torch.Tensor]:
+        """Every per-row tensor a checkpoint carries besides the key, by name."""
+        state = {f"state.{name}": tensor for name, tensor in self.state.items()}
+        return {"weights": self.weights, **state, "last_update": self.last_update, "counts": self.counts}
+
+    def live_rows(self) -> torch.Tensor:
+        """Rows holding a key, ascending."""
+        return torch.nonzero(self.keys_by_row != EMPTY_KEY).flatten()
+
+    def drop_keys(self, keys: torch.Tensor) -> None:
+        """Restore step: forget these keys (their rows become free). The index is rebuilt later."""
+        self.keys_by_row[torch.isin(self.keys_by_row, keys)] = EMPTY_KEY
+
+    def load_rows(self, keys: torch.Tensor, rows: torch.Tensor, columns: dict[str, torch.Tensor]) -> None:
+        """Restore step: put `keys` and their column values at `rows` (a key moved rows if it had
+        another one). The index is rebuilt later, by `rebuild_index`."""
+        if rows.numel():
+            self._ensure_row_capacity(int(rows.max()) + 1)
+        self.drop_keys(keys)
+        self.keys_by_row[rows] = keys
+        for name, tensor in self.columns().items():
+            tensor[rows] = columns[name].to(tensor.device)
+
+    def rebuild_index(self, *, high_water: int, slots: int) -> None:
+        """Restore step: rebuild the index from the restored keys (free rows: the rest below
+        `high_water`, so later allocations match the saved table's)."""
+        self._ensure_row_capacity(high_water)
+        rows = self.live_rows()
+        self.index = HashIndex.from_items(
+            self.keys_by_row[rows], rows, high_water=high_water, capacity=slots,
+            max_load=self.config.max_load, device=self.device,
+        )
+
+    # ----------------------------------------------------------------- storage
+
+    def _ensure_row_capacity(self, rows: int) -> None:
+        """Grow every per-row tensor (doubling) so rows [0, rows) exist; contents kept."""
+        if rows <= self.row_capacity:
+            return
+        capacity = max(rows, 2 * self.row_capacity)
+        extra = capacity - self.row_capacity
+        self.weights = torch.cat([self.weights, self.weights.new_zeros(extra, self.config.dim)])
+        for name, state in self.state.items():
+            self.state[name] = torch.cat([state, optimizers.initial_state(self.config, name, extra, self.device)])
+        self.keys_by_row = torch.cat([self.keys_by_row, self.keys_by_row.new_full((extra,), EMPTY_KEY)])
+        self.last_update = torch.cat([self.last_update, self.last_update.new_zeros(extra)])
+        self.counts = torch.cat([self.counts, self.counts.new_zeros(extra)])
+        for log in self.logs.values():
+            log.grow(capacity)
+
+    def stats(self) -> TableStats:
+        per_row = (self.keys_by_row, self.last_update, self.counts)
+        metadata = sum(t.numel() * t.element_size() for t in per_row) + sum(log.nbytes for log in self.logs.values())
+        return TableStats(
+            rows=len(self.index),
+            capacity=self.index.capacity,
+            row_capacity=self.row_capacity,
+            load=self.index.load,
+            **self.counters,
+            bytes_weights=self.weights.numel() * self.weights.element_size(),
+            bytes_optimizer=sum(s.numel() * s.element_size() for s in self.state.values()),
+            bytes_index=self.index.nbytes,
+            bytes_metadata=metadata,
+            bytes_sketch=0 if self.sketch is None else self.sketch.nbytes,
+        )
