@@ -5,11 +5,11 @@ file, or the seeded synthetic generator) becomes one :class:`EventTable` sorted 
 because ``liverec replay``, the trainer, the benchmarks and the evaluation all want the same
 thing: the events in the order a live stream would have delivered them.
 
-Readers parse in bulk with :func:`numpy.loadtxt`, a chunk of lines at a time. Only a chunk that
-bulk parsing rejects is parsed again line by line, which is the ground truth: it names the file
-and 1-based line number of the first malformed line, or, in lenient mode, skips and counts the
-malformed lines. A clean 10M-line file therefore costs a few seconds, and a bad line costs one
-slow chunk.
+Readers parse in bulk with :func:`numpy.loadtxt`, a chunk of lines at a time. A chunk that bulk
+parsing refuses is halved until its pieces parse in bulk or are a few hundred lines; those are
+parsed line by line, the ground truth, which names the file and 1-based line number of the first
+malformed line or, in lenient mode, skips and counts malformed lines. A clean 10M-line file thus
+costs seconds, and a few bad lines cost a few small line passes.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import numpy as np
 
@@ -103,8 +103,10 @@ class EventTable:
     def __len__(self) -> int:
         return int(self.user_id.shape[0])
 
-    def __repr__(self) -> str:
-        return f"EventTable(events={len(self)}, users={self.num_users()}, items={self.num_items()})"
+    def __repr__(self) -> str:  # cheap: no unique() over millions of ids
+        if not len(self):
+            return "EventTable(events=0)"
+        return f"EventTable(events={len(self)}, time_ms=[{self.event_time_ms[0]}, {self.event_time_ms[-1]}])"
 
     def slice(self, start: int, stop: int) -> EventTable:
         """Events ``[start, stop)`` in time order, e.g. a replay batch or a time split (no copy)."""
@@ -187,6 +189,7 @@ class DatasetFormatError(ValueError):
 
 
 _CHUNK_LINES = 65_536
+_LINE_PATH_LINES = 256
 _MAX_ID = int(np.iinfo(np.int64).max)
 # Seconds whose millisecond value stays exact in float64 and fits int64 (year ~287,000).
 _MAX_TIMESTAMP_S = 9.0e12
@@ -225,15 +228,33 @@ def _parse_lines(
     line_no = first_line_no
     iterator = iter(lines)
     while chunk := list(itertools.islice(iterator, _CHUNK_LINES)):
-        columns = _bulk_parse(chunk, layout)
-        if columns is None:
-            columns, bad = _parse_chunk_by_line(path, chunk, line_no, layout, lenient)
-            skipped += bad
-        for role, column in columns.items():
-            parts[role].append(column)
+        skipped += _parse_chunk(path, chunk, line_no, layout, lenient, parts)
         line_no += len(chunk)
     merged = {role: np.concatenate(chunks) if chunks else np.empty(0, _role_dtype(role)) for role, chunks in parts.items()}
     return merged, skipped, line_no
+
+
+def _parse_chunk(
+    path: str, chunk: list[str], first_line_no: int, layout: _Layout, lenient: bool, parts: dict[str, list[np.ndarray]]
+) -> int:
+    """Append the chunk's columns to ``parts``; return how many malformed lines were skipped.
+
+    A chunk the bulk path refuses is halved until the halves parse in bulk or are small enough
+    for the line path, so a few bad lines in a large file cost a few small line passes, not a
+    line pass over everything. Halves go left first, so strict mode still stops at the first
+    bad line.
+    """
+    columns = _bulk_parse(chunk, layout)
+    if columns is None and len(chunk) > _LINE_PATH_LINES:
+        middle = len(chunk) // 2
+        left = _parse_chunk(path, chunk[:middle], first_line_no, layout, lenient, parts)
+        return left + _parse_chunk(path, chunk[middle:], first_line_no + middle, layout, lenient, parts)
+    bad = 0
+    if columns is None:
+        columns, bad = _parse_chunk_by_line(path, chunk, first_line_no, layout, lenient)
+    for role, column in columns.items():
+        parts[role].append(column)
+    return bad
 
 
 def _role_dtype(role: str | None) -> str:
@@ -388,8 +409,9 @@ def _finish(path: str, columns: dict[str, np.ndarray], skipped: int, end_line: i
 
 
 def _open_text(path: str | os.PathLike[str]) -> TextIO:
-    """Undecodable bytes become U+FFFD, so they surface as a malformed line with its number."""
-    return open(path, encoding="utf-8", errors="replace", newline=None)
+    """Undecodable bytes become U+FFFD, so they surface as a malformed line with its number;
+    a leading byte-order mark is dropped."""
+    return open(path, encoding="utf-8-sig", errors="replace", newline=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,12 +546,12 @@ def load_dataset(
     return _READERS[format or _detect_format(path)](path, lenient=lenient)
 
 
-def _dataset_in_directory(directory: Path, format: str | None) -> tuple[Path, str]:  # noqa: A002
+def _dataset_in_directory(directory: Path, wanted: str | None) -> tuple[Path, str]:
     candidates = [(p, "recbole") for p in sorted(directory.glob("*.inter"))]
     if (directory / "ratings.dat").is_file():
         candidates.append((directory / "ratings.dat", "movielens"))
-    if format is not None:
-        candidates = [(p, f) for p, f in candidates if f == format]
+    if wanted is not None:
+        candidates = [(p, f) for p, f in candidates if f == wanted]
     if len(candidates) != 1:
         found = [p.name for p, _ in candidates] or "none"
         raise ValueError(f"dataset directory {directory}: expected exactly one *.inter or ratings.dat, found {found}")
@@ -620,7 +642,7 @@ class SyntheticConfig:
             _invalid("action_weights", weights, "a tuple of 5 finite weights >= 0 with a positive sum")
 
 
-def _invalid(name: str, value: object, expected: str) -> None:
+def _invalid(name: str, value: object, expected: str) -> NoReturn:
     raise ValueError(f"SyntheticConfig.{name}: must be {expected}, got {value!r}")
 
 
@@ -638,7 +660,7 @@ def _check_float(name: str, value: object, low: float, high: float) -> None:
         _invalid(name, value, f"a number in [{low}, {high}]")
 
 
-def synthetic(config: SyntheticConfig = SyntheticConfig()) -> EventTable:  # noqa: B008 - frozen
+def synthetic(config: SyntheticConfig = SyntheticConfig()) -> EventTable:  # frozen: a safe default
     """A seeded, fully deterministic interaction stream with the structure real ones have.
 
     - Items: Zipf popularity (of a random rank, so some late releases become hits); each in one
@@ -661,7 +683,7 @@ def synthetic(config: SyntheticConfig = SyntheticConfig()) -> EventTable:  # noq
     span_ms = int(config.duration_days * _DAY_MS)
     catalog = _Catalog.generate(config, span_ms, rng)
     sessions = _Sessions.generate(config, span_ms, rng)
-    item_index = _choose_items(config, catalog, sessions, span_ms, rng)
+    item_index = _choose_items(config, catalog, sessions, rng)
     action = rng.choice(np.arange(Action.VIEW, Action.RATE + 1, dtype=np.int8), config.num_events, p=_action_p(config))
     value = np.full(config.num_events, np.nan)
     is_rate, is_purchase = action == Action.RATE, action == Action.PURCHASE
@@ -763,9 +785,8 @@ class _Sessions:
         start = _push_apart(start, duration + int(config.min_session_gap_s * 1_000), owner, first_session)
 
         step = config.taste_drift * rng.standard_normal((num_sessions, config.num_clusters))
-        step[is_first] = 0.0
         walk = np.cumsum(step, axis=0)
-        walk -= walk[first_session]
+        walk -= walk[first_session]  # a user's first session starts from the initial taste
         initial = config.taste_concentration * rng.standard_normal((users, config.num_clusters))
         return _Sessions(
             owner=owner,
@@ -797,9 +818,7 @@ def _push_apart(start: np.ndarray, occupied: np.ndarray, owner: np.ndarray, firs
     return before + np.maximum.accumulate(relative + lift) - lift
 
 
-def _choose_items(
-    config: SyntheticConfig, catalog: _Catalog, sessions: _Sessions, span_ms: int, rng: np.random.Generator
-) -> np.ndarray:
+def _choose_items(config: SyntheticConfig, catalog: _Catalog, sessions: _Sessions, rng: np.random.Generator) -> np.ndarray:
     """The item index of every event: fresh popularity x taste draws, and chain steps after them."""
     events = config.num_events
     session = sessions.event_session

@@ -7,6 +7,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -227,18 +228,23 @@ def test_malformed_line_is_located_or_skipped(tmp_path: Path, fmt: str, bad: str
     assert result.skipped == 1 and len(result.table) == 3
 
 
+@pytest.mark.parametrize(("chunk_lines", "line_path_lines"), [(4, 256), (64, 1), (64, 3), (7, 2)])
 def test_strict_reports_the_first_bad_line_and_lenient_counts_all_across_chunks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_lines: int, line_path_lines: int
 ) -> None:
-    monkeypatch.setattr(datasets, "_CHUNK_LINES", 4)  # several chunks, some clean, some not
-    body = ["1\t2\t3\t4"] * 20
-    body[9], body[10], body[16] = "1\tx\t3\t4", "", "1\t2\t3"
+    # Several chunks, some clean, some not, some halved before the line path takes over.
+    monkeypatch.setattr(datasets, "_CHUNK_LINES", chunk_lines)
+    monkeypatch.setattr(datasets, "_LINE_PATH_LINES", line_path_lines)
+    body = [f"{n}\t2\t3\t{n}" for n in range(1, 41)]
+    body[9], body[10], body[16], body[33] = "1\tx\t3\t4", "", "1\t2\t3", "0\t2\t3\t4"
     path = write(tmp_path / "d.inter", RECBOLE_HEADER + "\n".join(body) + "\n")
     with pytest.raises(DatasetFormatError) as caught:
         read_recbole_inter(path)
     assert caught.value.line_no == 11  # header is line 1, body[9] is line 11
     result = read_recbole_inter(path, lenient=True)
-    assert (result.skipped, len(result.table)) == (2, 17)  # the blank line is neither
+    assert result.skipped == 3  # the blank line is neither an event nor malformed
+    kept = [n for n in range(1, 41) if n not in (10, 11, 17, 34)]
+    assert result.table.user_id.tolist() == kept
 
 
 def test_recbole_needs_its_header_even_when_lenient(tmp_path: Path) -> None:
@@ -266,6 +272,12 @@ def test_header_only_recbole_file_has_no_events(tmp_path: Path) -> None:
         read_recbole_inter(write(tmp_path / "h.inter", RECBOLE_HEADER))
 
 
+def test_byte_order_mark_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "bom.inter"
+    path.write_bytes(b"\xef\xbb\xbf" + RECBOLE_HEADER.encode() + b"1\t2\t3\t4\n")
+    assert read_recbole_inter(path).table.user_id.tolist() == [1]
+
+
 def test_undecodable_bytes_are_a_malformed_line(tmp_path: Path) -> None:
     path = tmp_path / "s.txt"
     path.write_bytes(b"1 2 3\n\xff\xfe 2 3\n")
@@ -289,14 +301,16 @@ LINE_FORMAT = {
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fmt=st.sampled_from(sorted(LINE_FORMAT)), rows=st.lists(ROW, min_size=1, max_size=30), where=st.data())
 def test_bulk_and_line_paths_agree(tmp_path: Path, fmt: str, rows: list, where: st.DataObject) -> None:
-    """A bad line sends its chunk down the line path; the good rows must come out the same."""
+    """A bad line sends its chunk (or, once halved, its piece) down the line path; the good rows
+    must come out exactly as the bulk path reads them from the clean file."""
     line, header = LINE_FORMAT[fmt]
     lines = [line(r) for r in rows]
     clean = write(tmp_path / f"clean-{fmt}", header + "\n".join(lines) + "\n")
     at = where.draw(st.integers(0, len(lines)))
     dirty = write(tmp_path / f"dirty-{fmt}", header + "\n".join(lines[:at] + ["0 bad line here"] + lines[at:]) + "\n")
     expected = as_rows(READERS[fmt](clean).table)
-    result = READERS[fmt](dirty, lenient=True)
+    with mock.patch.object(datasets, "_LINE_PATH_LINES", where.draw(st.sampled_from([1, 2, 256]))):
+        result = READERS[fmt](dirty, lenient=True)
     assert result.skipped == 1 and as_rows(result.table) == expected
     by_hand = sorted(((int(r[0]), int(r[1]), round(float(r[3]) * 1000)) for r in rows), key=lambda r: r[2])
     assert [(u, i, t) for u, i, _, _, t in expected] == by_hand
@@ -465,6 +479,15 @@ def test_synthetic_sequential_structure_is_learnable(stream: EventTable) -> None
     # The advantage comes from the session chains: without them it mostly disappears.
     markov_plain, popularity_plain = next_item_hit_rates(synthetic(SyntheticConfig(chain_probability=0.0)))
     assert markov - popularity > 2 * (markov_plain - popularity_plain)
+
+
+def test_sessions_are_pushed_apart_per_user() -> None:
+    start = np.array([0, 10, 12, 5, 100])
+    occupied = np.array([15, 5, 5, 50, 1])
+    owner = np.array([0, 0, 0, 1, 1])
+    first = np.array([0, 0, 0, 3, 3])
+    pushed = datasets._push_apart(start, occupied, owner, first)
+    assert pushed.tolist() == [0, 15, 20, 5, 100]
 
 
 def test_synthetic_small_and_large_configs() -> None:
