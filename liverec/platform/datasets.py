@@ -158,7 +158,10 @@ def _readonly_column(name: str, data: object, dtype: np.dtype) -> np.ndarray:
         raise ValueError(f"EventTable.{name}: must be 1-D, got shape {array.shape}")
     if array.size and not np.can_cast(array.dtype, dtype, casting="same_kind"):
         raise TypeError(f"EventTable.{name}: dtype {array.dtype} cannot become {dtype}")
-    view = array.astype(dtype, copy=False).view()
+    converted = array.astype(dtype, copy=False)
+    if converted is not array and array.size and not np.array_equal(converted, array, equal_nan=True):
+        raise ValueError(f"EventTable.{name}: values out of range for {dtype}")  # e.g. action 257
+    view = converted.view()
     view.flags.writeable = False
     return view
 

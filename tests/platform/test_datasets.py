@@ -87,6 +87,7 @@ def test_table_columns_slice_and_per_user_sequences() -> None:
         ({"user_id": np.array([2, 0, 2, 3])}, "> 0"),
         ({"item_id": np.array([1, 2, 3])}, "length"),
         ({"action": np.array([1, 6, 1, 1])}, "Action"),
+        ({"action": np.array([1, 257, 1, 1])}, "out of range"),
         ({"item_id": np.array([1.0, 2.0, 3.0, 4.0])}, "cannot become"),
     ],
 )
