@@ -136,15 +136,15 @@ class KVCache:
 @dataclass(frozen=True)
 class EncoderOutput:
     """hidden:       `[B, L, D]` final hidden state of each history slot.
-    query_hidden: `[B, L, D]` hidden state of the query token after slot t (predicts event t+1),
-                  or None when queries were not requested.
-    query_pos:    `[B, L]` position of each of those query tokens.
+    query_hidden: `[B, Q, D]` hidden state of the query token after each requested slot (the
+                  user state that predicts the next event), or None when no queries were asked.
+    query_pos:    `[B, Q]` position of each of those query tokens, or None.
     kv:           the history's K/V, one slot per input slot (not compacted).
     """
 
     hidden: Tensor
     query_hidden: Tensor | None
-    query_pos: Tensor
+    query_pos: Tensor | None
     kv: KVCache
 
 
@@ -200,19 +200,25 @@ class SequenceEncoder(nn.Module):
         actions: Tensor,
         valid: Tensor | None = None,
         start_pos: Tensor | None = None,
-        queries: bool = True,
+        queries: bool | Tensor = True,
     ) -> EncoderOutput:
         """Encode histories `item_emb [B, L, D]`, `actions [B, L]` from scratch.
 
-        `start_pos [B]` (default 0) is the absolute position of each row's first valid event;
-        with `queries`, a query token after every slot gives the user state for next-event
-        prediction (training); without, only the K/V and hidden states are computed.
+        `start_pos [B]` (default 0) is the absolute position of each row's first valid event.
+        `queries` places query tokens for next-event prediction: True after every slot
+        (Q = L), a long tensor of ascending slot indices after those slots only (online
+        training, where only the newest events are targets), False nowhere (just K/V).
         """
         b, length, _ = item_emb.shape
         cache = KVCache.empty(self.config, b, item_emb.device, item_emb.dtype, start_pos)
-        anchors = torch.arange(length, device=item_emb.device) if queries else None
+        if isinstance(queries, Tensor):
+            anchors: Tensor | None = queries.to(item_emb.device)
+        else:
+            anchors = torch.arange(length, device=item_emb.device) if queries else None
         hidden, query_hidden, kv, valid = self._run(cache, item_emb, actions, valid, anchors)
-        query_pos = event_positions(valid, cache.next_pos) + valid.long()
+        if anchors is None:
+            return EncoderOutput(hidden, None, None, kv)
+        query_pos = (event_positions(valid, cache.next_pos) + valid.long())[:, anchors]
         return EncoderOutput(hidden, query_hidden, query_pos, kv)
 
     def extend(

@@ -79,27 +79,27 @@ class TargetAttentionHead(nn.Module):
         key_mask: Tensor,
         user_hidden: Tensor,
     ) -> Tensor:
-        """Score candidates for Q query slots per user (Q = 1 when serving, L in training).
+        """Score candidates `cand_rows [B, C, 2D]` (from `item_side`) for B users (or, in
+        training, B targets) -> logits `[B, C]`.
 
-        cand_rows `[B, Q, C, 2D]` (from `item_side`), query_pos `[B, Q]`, k/v `[B, H, S, D/H]`,
-        key_mask `[B, Q, S]` (True = the slot may be attended), user_hidden `[B, Q, D]`
-        -> logits `[B, Q, C]`.
+        query_pos `[B]`: where the candidates sit (the user's next position); k/v
+        `[B, H, S, D/H]`: the last layer's K/V; key_mask `[B, S]`: slots that may be attended;
+        user_hidden `[B, D]`: the query token's hidden state.
         """
         emb, q = cand_rows.split(self.dim, dim=-1)
-        q = rope(q.unflatten(-1, (self.heads, -1)), query_pos[:, :, None, None], self.rope_base)
+        q = rope(q.unflatten(-1, (self.heads, -1)), query_pos[:, None, None], self.rope_base)
         k, v = k.to(q.dtype), v.to(q.dtype)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        logits = torch.einsum("bqchd,bhsd->bqchs", q, k) * scale
-        logits = logits.masked_fill(~key_mask[:, :, None, None, :], float("-inf"))
-        sink = torch.einsum("bqchd,hd->bqch", q, self.sink_k.to(q.dtype))[..., None] * scale
+        logits = torch.einsum("bchd,bhsd->bchs", q, k) * scale
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        sink = torch.einsum("bchd,hd->bch", q, self.sink_k.to(q.dtype))[..., None] * scale
         weights = torch.softmax(torch.cat((sink, logits), dim=-1), dim=-1)
-        attended = torch.einsum("bqchs,bhsd->bqchd", weights[..., 1:], v) + weights[..., :1] * self.sink_v.to(q.dtype)
+        attended = torch.einsum("bchs,bhsd->bchd", weights[..., 1:], v) + weights[..., :1] * self.sink_v.to(q.dtype)
         attended = self.out(attended.flatten(-2))
-        user = user_hidden[:, :, None].expand_as(emb)
+        user = user_hidden[:, None].expand_as(emb)
         return self.mlp(torch.cat((emb, attended, emb * attended, user), dim=-1)).squeeze(-1)
 
     def score(self, cache: KVCache, user_hidden: Tensor, cand_rows: Tensor) -> Tensor:
         """Serving form: candidates `[B, C, 2D]` against each user's cache -> logits `[B, C]`."""
         k, v = cache.layers[-1]
-        out = self(cand_rows[:, None], cache.next_pos[:, None], k, v, cache.valid[:, None], user_hidden[:, None])
-        return out[:, 0]
+        return self(cand_rows, cache.next_pos, k, v, cache.valid, user_hidden)

@@ -75,15 +75,20 @@ class SequentialRecommender(nn.Module):
         cfg = self.config
         valid = batch.valid.bool()
         hist_valid, target_valid = valid[:, :-1], valid[:, 1:]
-        out = self.encoder(batch.item_emb[:, :-1], batch.actions[:, :-1], hist_valid, batch.start_pos)
-        assert out.query_hidden is not None
         mask = batch.loss_mask.bool() & target_valid if batch.loss_mask is not None else target_valid & hist_valid
+        # Query tokens only after slots where some row has a target; `mask[:, slots][picked]`
+        # lists targets in the same (row, slot) order as `mask`'s own True entries.
+        slots = mask.any(0).nonzero().squeeze(1)
+        picked = mask[:, slots]
+        out = self.encoder(batch.item_emb[:, :-1], batch.actions[:, :-1], hist_valid, batch.start_pos, slots)
+        assert out.query_hidden is not None and out.query_pos is not None
+        user_hidden, query_pos = out.query_hidden[picked], out.query_pos[picked]
 
-        targets = batch.item_emb[:, 1:]
+        targets = batch.item_emb[:, 1:][mask]
         pos_ids = batch.item_ids[:, 1:][mask]
         retrieval = sampled_softmax_loss(
-            self.retrieval.user_side(out.query_hidden[mask]),
-            self.retrieval.item_side(targets[mask]),
+            self.retrieval.user_side(user_hidden),
+            self.retrieval.item_side(targets),
             pos_ids,
             self.retrieval.item_side(batch.neg_emb),
             batch.neg_ids,
@@ -93,16 +98,23 @@ class SequentialRecommender(nn.Module):
             temperature=cfg.temperature,
         )
 
-        # Ranking: at every slot, the true next item against the first K uniform negatives.
-        b, length, d = targets.shape
-        k = min(cfg.rank_negatives, batch.neg_emb.shape[0])
-        cands = torch.cat((targets[:, :, None], batch.neg_emb[:k].expand(b, length, k, d)), dim=2)
-        slot = torch.arange(length, device=valid.device)
-        key_mask = (slot[None, :] <= slot[:, None]) & hist_valid[:, None, :]
+        # Ranking: each target against the first K uniform negatives, the candidates attending
+        # over the history up to the target's slot.
+        user_idx, slot_idx = mask.nonzero(as_tuple=True)
+        num_neg = min(cfg.rank_negatives, batch.neg_emb.shape[0])
+        neg_rows = self.ranker.item_side(batch.neg_emb[:num_neg])
+        cands = torch.cat((self.ranker.item_side(targets)[:, None], neg_rows[None].expand(len(user_idx), -1, -1)), 1)
+        history = torch.arange(hist_valid.shape[1], device=valid.device)
         keys, values = out.kv.layers[-1]
-        logits = self.ranker(self.ranker.item_side(cands), out.query_pos, keys, values, key_mask, out.query_hidden)
-        logits = logits[mask]
-        ranking = bce_ranking_loss(logits[:, 0], logits[:, 1:], batch.neg_ids[:k][None, :] != pos_ids[:, None])
+        logits = self.ranker(
+            cands,
+            query_pos,
+            keys[user_idx],
+            values[user_idx],
+            hist_valid[user_idx] & (history[None, :] <= slot_idx[:, None]),
+            user_hidden,
+        )
+        ranking = bce_ranking_loss(logits[:, 0], logits[:, 1:], batch.neg_ids[None, :num_neg] != pos_ids[:, None])
         return Losses(retrieval + cfg.rank_weight * ranking, retrieval, ranking)
 
     def item_side(self, item_emb: Tensor) -> ItemSide:

@@ -36,6 +36,10 @@ def test_shapes(device: torch.device) -> None:
         assert k.shape == v.shape == (3, 2, 7, 8)
     assert out.kv.next_pos.tolist() == [7, 7, 7]
     assert enc(items, actions, queries=False).query_hidden is None
+    some = enc(items, actions, queries=torch.tensor([2, 5]))
+    out_all = enc(items, actions)
+    torch.testing.assert_close(some.query_hidden, out_all.query_hidden[:, [2, 5]], **TOL)
+    assert some.query_pos.tolist() == [[3, 6]] * 3
 
 
 def test_causal(device: torch.device) -> None:

@@ -61,26 +61,25 @@ def test_item_side_is_per_item(device: torch.device) -> None:
 
 
 def test_serving_scores_equal_training_scores(device: torch.device) -> None:
-    """The ranking logits the training pass computes for the slot after the last event equal
-    what serving computes from the cache alone; retrieval likewise via the query token."""
+    """What training computes for the target after slot t (the candidates attend over slots
+    <= t of the full pass) equals what serving computes from a cache of events 0..t alone."""
     model = make_model(device)
     batch, table = make_batch(device)
-    hist, hist_valid = batch.item_emb[:, :-1], batch.valid[:, :-1]
-    out = model.encoder(hist, batch.actions[:, :-1], hist_valid)
+    hist, actions, hist_valid = batch.item_emb[:, :-1], batch.actions[:, :-1], batch.valid[:, :-1]
+    out = model.encoder(hist, actions, hist_valid)
     cands = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 5, 9]], device=device)
     rows = model.ranker.item_side(table[cands]).detach()
-    length = hist.shape[1]
-    slot = torch.arange(length, device=device)
-    key_mask = (slot[None, :] <= slot[:, None]) & hist_valid[:, None, :]
+    t = 4  # row 0 is left-padded by 3: two events so far
     k, v = out.kv.layers[-1]
-    train_logits = model.ranker(rows[:, None].expand(-1, length, -1, -1), out.query_pos, k, v, key_mask, out.query_hidden)
+    key_mask = hist_valid & (torch.arange(hist.shape[1], device=device) <= t)
+    train_logits = model.ranker(rows, out.query_pos[:, t], k, v, key_mask, out.query_hidden[:, t])
 
-    cache = model.encode(hist, batch.actions[:, :-1], hist_valid)
+    cache = model.encode(hist[:, : t + 1], actions[:, : t + 1], hist_valid[:, : t + 1])
     user = model.user_hidden(cache)
-    torch.testing.assert_close(user, out.query_hidden[:, -1], **TOL)
-    torch.testing.assert_close(model.ranking_scores(cache, user, rows), train_logits[:, -1], **TOL)
+    torch.testing.assert_close(user, out.query_hidden[:, t], **TOL)
+    torch.testing.assert_close(model.ranking_scores(cache, user, rows), train_logits, **TOL)
     side = model.item_side(table)
-    expected = model.retrieval.user_side(out.query_hidden[:, -1]) @ side.retrieval.T
+    expected = model.retrieval.user_side(out.query_hidden[:, t]) @ side.retrieval.T
     torch.testing.assert_close(model.retrieval_scores(user, side.retrieval), expected, **TOL)
 
 
