@@ -40,7 +40,7 @@ class EncoderConfig:
         _require(
             self.dim % self.heads == 0 and (self.dim // self.heads) % 2 == 0,
             "encoder.heads",
-            f"dim/heads must be an even integer (rotary embeddings rotate pairs), got dim={self.dim}, heads={self.heads}",
+            f"dim/heads must be an even integer (RoPE rotates pairs), got dim={self.dim}, heads={self.heads}",
         )
         _require(self.max_len > 0, "encoder.max_len", f"must be > 0, got {self.max_len}")
         _require(0.0 <= self.dropout < 1.0, "encoder.dropout", f"must be in [0, 1), got {self.dropout}")

@@ -29,7 +29,8 @@ Query stream. The user vector comes from a query token: a learned embedding plac
 position of the user's *next* event, which runs through the same layers attending over the
 history's per-layer K/V (and itself) but contributes no K/V. So the user vector is a function of
 the stored K/V alone, which is what a state codec stores and decodes (`query`). In training a
-query token follows every history slot (slot t predicts event t+1), in the same pass.
+query token follows each history slot that has a target (slot t predicts event t+1), in the
+same pass.
 """
 
 from __future__ import annotations
@@ -277,7 +278,8 @@ class SequenceEncoder(nn.Module):
         layers = []
         for block, (past_k, past_v) in zip(self.blocks, cache.layers, strict=True):
             x, k, v = block(x, pos, past_k, past_v, mask)
-            layers.append((torch.cat((past_k.to(k.dtype), k[:, :, :t]), 2), torch.cat((past_v.to(v.dtype), v[:, :, :t]), 2)))
+            new_k, new_v = k[:, :, :t], v[:, :, :t]
+            layers.append((torch.cat((past_k.to(k.dtype), new_k), 2), torch.cat((past_v.to(v.dtype), new_v), 2)))
         x = self.norm(x)
         query_hidden = x[:, t:] if anchors is not None else None
         next_pos = cache.next_pos + valid.long().sum(1)
@@ -305,5 +307,6 @@ class SequenceEncoder(nn.Module):
         )
         if anchors is None:
             return events[:, None]
-        queries = torch.cat((past[:, t:], (idx[None, :] <= anchors[:, None]) & valid[:, None, :], _eye(b, q, device)), 2)
+        upto_anchor = (idx[None, :] <= anchors[:, None]) & valid[:, None, :]
+        queries = torch.cat((past[:, t:], upto_anchor, _eye(b, q, device)), 2)
         return torch.cat((events, queries), 1)[:, None]

@@ -18,7 +18,9 @@ def make_encoder(device: torch.device | str = "cpu", config: EncoderConfig = CFG
     return SequenceEncoder(config).to(device).eval()
 
 
-def random_events(b: int, length: int, device: torch.device | str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def random_events(
+    b: int, length: int, device: torch.device | str, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     items = torch.randn(b, length, CFG.dim, generator=gen).to(device)
     actions = torch.randint(0, CFG.num_actions, (b, length), generator=gen).to(device)
     return items, actions

@@ -17,7 +17,9 @@ def make_model(device: torch.device) -> SequentialRecommender:
     return SequentialRecommender(CFG).to(device).eval()
 
 
-def make_batch(device: torch.device, b: int = 4, length: int = 8, items: int = 30, negs: int = 6) -> tuple[TrainBatch, torch.Tensor]:
+def make_batch(
+    device: torch.device, b: int = 4, length: int = 8, items: int = 30, negs: int = 6
+) -> tuple[TrainBatch, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     table = torch.randn(items, 16, generator=gen).to(device).requires_grad_()
     ids = torch.randint(0, items, (b, length + 1), generator=gen).to(device)
