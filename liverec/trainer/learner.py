@@ -1,0 +1,213 @@
+"""The online learning step, independent of Kafka: one micro-batch of events in, an updated model out.
+
+For each micro-batch, in this order:
+1. prequential test: every event that has at least one earlier event of its user is ranked
+   against the full catalog by the model as it was *before* this batch (and by item popularity,
+   the baseline), giving online HR@10 / NDCG@10 that no training data has leaked into;
+2. admission: the events' items are counted, and admitted into the item table when frequent
+   enough;
+3. training: one window per user (stored history + new events, chunked when a user brings more
+   new events than fit), next-item sampled softmax + ranking loss on the new events only,
+   dense Adam step plus the item table's sparse step;
+4. the user histories are extended.
+The worker adds Kafka, checkpoints, the DLQ and metrics around this; `liverec evaluate` drives it
+directly over a dataset for the "one streaming pass" model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from liverec.model.config import ModelConfig
+from liverec.model.metrics import hit_rate, ndcg, target_ranks
+from liverec.model.recommender import SequentialRecommender, TrainBatch
+from liverec.trainer.decode import EventBatch
+from liverec.trainer.history import History, HistoryStore
+
+EVAL_K = 10
+
+
+class ItemTable(Protocol):
+    """What the learner needs from the item embedding table (the EmbeddingStore provides it)."""
+
+    def observe(self, keys: Tensor, now_s: int) -> None:
+        """Count one occurrence of each key (admission, frequencies, recency)."""
+
+    def embed(self, keys: Tensor) -> Tensor:
+        """`[N, D]` rows with autograd; zeros for keys without a row."""
+
+    def step(self, now_s: int) -> None:
+        """Apply the sparse optimizer to the rows that received gradients since the last step."""
+
+    def catalog(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(keys `[M]`, weights `[M, D]` (no grad), counts `[M]`) of every item with a row."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    events: int
+    scored: int
+    hits: float
+    ndcg_sum: float
+    pop_hits: float
+    pop_ndcg_sum: float
+    loss: float
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Per-row training windows: left-padded, `L + 1` slots, loss only on this batch's events."""
+
+    items: np.ndarray  # [R, L+1] int64
+    actions: np.ndarray  # [R, L+1] int64
+    valid: np.ndarray  # [R, L+1] bool
+    is_new: np.ndarray  # [R, L+1] bool: the slot holds an event of this batch
+
+
+def build_windows(users: np.ndarray, histories: list[History], batch: EventBatch, order: np.ndarray,
+                  starts: np.ndarray, max_len: int) -> Windows:
+    """One or more windows per user: stored history then the new events, chunked to fit `max_len + 1`.
+
+    A user with more new events than half a window gets several rows, each with as much
+    preceding context as fits, so every new event is trained on and scored exactly once.
+    """
+    width = max_len + 1
+    chunk = max(1, max_len // 2)
+    rows_items, rows_actions, rows_new = [], [], []
+    ends = np.append(starts[1:], len(order))
+    for hist, start, end in zip(histories, starts.tolist(), ends.tolist()):
+        idx = order[start:end]
+        seq_items = np.concatenate((hist.item, batch.item_id[idx]))
+        seq_actions = np.concatenate((hist.action.astype(np.int64), batch.action[idx].astype(np.int64)))
+        first_new = len(hist)
+        for c0 in range(first_new, len(seq_items), chunk):
+            c1 = min(c0 + chunk, len(seq_items))
+            w0 = max(0, c1 - width)
+            rows_items.append(seq_items[w0:c1])
+            rows_actions.append(seq_actions[w0:c1])
+            new = np.zeros(c1 - w0, bool)
+            new[c0 - w0:] = True
+            rows_new.append(new)
+    r = len(rows_items)
+    items = np.zeros((r, width), np.int64)
+    actions = np.zeros((r, width), np.int64)
+    valid = np.zeros((r, width), bool)
+    is_new = np.zeros((r, width), bool)
+    for i, (it, ac, nw) in enumerate(zip(rows_items, rows_actions, rows_new)):
+        n = len(it)
+        items[i, width - n:], actions[i, width - n:], is_new[i, width - n:] = it, ac, nw
+        valid[i, width - n:] = True
+    return Windows(items, actions, valid, is_new)
+
+
+def catalog_ranks(scores: Tensor, catalog_keys: Tensor, targets: Tensor) -> Tensor:
+    """Rank of each target among `scores [B, M]` over `catalog_keys`; a target with no row misses."""
+    sorted_keys, perm = torch.sort(catalog_keys)
+    pos = torch.searchsorted(sorted_keys, targets).clamp(max=max(len(sorted_keys) - 1, 0))
+    found = (sorted_keys[pos] == targets) if len(sorted_keys) else torch.zeros_like(targets, dtype=torch.bool)
+    if not len(sorted_keys):
+        return torch.full_like(targets, 2**31)
+    column = perm[pos]
+    ranks = target_ranks(scores, column)
+    return torch.where(found, ranks, torch.full_like(ranks, 2**31))
+
+
+class OnlineLearner:
+    """Model + dense optimizer + item table + histories; `step` learns from one micro-batch."""
+
+    def __init__(self, model_config: ModelConfig, items: ItemTable, history: HistoryStore, *,
+                 negatives: int, dense_lr: float, seed: int, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        torch.manual_seed(seed)
+        self.model = SequentialRecommender(model_config).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=dense_lr)
+        self.items = items
+        self.history = history
+        self.negatives = negatives
+        self.max_len = model_config.encoder.max_len
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.version = 0
+
+    # -- prequential ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _prequential(self, w: Windows, targets_mask: np.ndarray) -> tuple[int, float, float, float, float]:
+        keys, weights, counts = self.items.catalog()
+        n = int(targets_mask.sum())
+        if n == 0:
+            return 0, 0.0, 0.0, 0.0, 0.0
+        self.model.eval()
+        try:
+            items = torch.from_numpy(w.items).to(self.device)
+            emb = self.items.embed(items.reshape(-1)).reshape(*items.shape, -1).detach()
+            out = self.model.encoder(emb[:, :-1], torch.from_numpy(w.actions[:, :-1]).to(self.device),
+                                     torch.from_numpy(w.valid[:, :-1]).to(self.device), None)
+            mask = torch.from_numpy(targets_mask).to(self.device)
+            user_hidden = out.query_hidden[mask]
+            targets = items[:, 1:][mask]
+            scores = self.model.retrieval_scores(user_hidden, self.model.item_side(weights).retrieval)
+            ranks = catalog_ranks(scores, keys, targets)
+            pop_scores = counts.float()[None, :].expand(len(targets), -1)
+            pop_ranks = catalog_ranks(pop_scores, keys, targets)
+        finally:
+            self.model.train()
+        return (n, hit_rate(ranks, EVAL_K).sum().item(), ndcg(ranks, EVAL_K).sum().item(),
+                hit_rate(pop_ranks, EVAL_K).sum().item(), ndcg(pop_ranks, EVAL_K).sum().item())
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _train(self, w: Windows, loss_mask: np.ndarray, now_s: int) -> float:
+        keys, _weights, counts = self.items.catalog()
+        if len(keys) == 0 or not loss_mask.any():
+            return math.nan
+        items = torch.from_numpy(w.items).to(self.device)
+        emb = self.items.embed(items.reshape(-1)).reshape(*items.shape, -1)
+        total = counts.sum().clamp(min=1).float()
+        log_freq = self._log_freq(keys, counts, total, items)
+        neg_idx = torch.randint(len(keys), (self.negatives,), generator=self.generator).to(self.device)
+        neg_ids = keys[neg_idx]
+        batch = TrainBatch(
+            item_emb=emb, item_ids=items, actions=torch.from_numpy(w.actions).to(self.device),
+            valid=torch.from_numpy(w.valid).to(self.device), log_q=log_freq,
+            neg_emb=self.items.embed(neg_ids), neg_ids=neg_ids,
+            log_q_neg=torch.full((self.negatives,), -math.log(len(keys)), device=self.device),
+            loss_mask=torch.from_numpy(loss_mask).to(self.device),
+        )
+        losses = self.model(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        self.optimizer.step()
+        self.items.step(now_s)
+        return float(losses.total.detach())
+
+    @staticmethod
+    def _log_freq(keys: Tensor, counts: Tensor, total: Tensor, items: Tensor) -> Tensor:
+        """log(count / total) of each window item (in-batch negatives are sampled ∝ frequency)."""
+        sorted_keys, perm = torch.sort(keys)
+        pos = torch.searchsorted(sorted_keys, items).clamp(max=len(keys) - 1)
+        found = sorted_keys[pos] == items
+        c = torch.where(found, counts[perm[pos]].float(), torch.ones_like(items, dtype=torch.float))
+        return torch.log(c.clamp(min=1.0) / total)
+
+    def step(self, batch: EventBatch) -> StepResult:
+        if len(batch) == 0:
+            return StepResult(0, 0, 0.0, 0.0, 0.0, 0.0, math.nan)
+        order = np.argsort(batch.user_id, kind="stable")
+        users, starts = np.unique(batch.user_id[order], return_index=True)
+        histories = self.history.get_many(users)
+        w = build_windows(users, histories, batch, order, starts, self.max_len)
+        # Slot t predicts slot t+1: a target is a new event with a real event right before it.
+        targets_mask = w.is_new[:, 1:] & w.valid[:, :-1]
+        scored, hits, ndcg_sum, pop_hits, pop_ndcg = self._prequential(w, targets_mask)
+        now_s = int(batch.event_time_ms.max()) // 1000
+        self.items.observe(torch.from_numpy(np.ascontiguousarray(batch.item_id)).to(self.device), now_s)
+        loss = self._train(w, targets_mask, now_s)
+        self.history.append(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
+        self.version += 1
+        return StepResult(len(batch), scored, hits, ndcg_sum, pop_hits, pop_ndcg, loss)
