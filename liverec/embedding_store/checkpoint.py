@@ -1,10 +1,11 @@
 """Full and incremental checkpoints of an EmbeddingStore: atomic, checksummed, verified on restore.
 
 Layout: a checkpoint root holds one directory per checkpoint, `NNNNNNNN-full` or
-`NNNNNNNN-incremental` (NNNNNNNN: a sequence number). Each holds raw tensor files
-(`t<table>.<column>.bin`) and `manifest.json`: the table configs, the scalars (high-water mark,
-slot count, counters, version), every file's dtype, shape, size and sha256, a parent name for an
-incremental, and the sha256 of the manifest body itself.
+`NNNNNNNN-incremental` (NNNNNNNN: a sequence number). Each holds `data.bin`, every tensor raw at
+a 64-byte aligned offset, and `manifest.json`: the table configs, the scalars (high-water mark,
+slot count, counters, version), each tensor's offset, dtype and shape, the size and sha256 of
+`data.bin`, a parent name for an incremental, and the sha256 of the manifest body itself. One
+data file, not one per tensor, because every file costs an fsync.
 
 - Full: every live row (key, row, weights, optimizer state, last update, count) and the sketch.
 - Incremental: only rows changed since the previous checkpoint of this store, the keys removed
@@ -13,8 +14,8 @@ incremental, and the sha256 of the manifest body itself.
 Atomic: everything is written under `.tmp-<name>-<uuid>`, each file fsynced, the manifest last,
 then the directory is renamed into place and the root fsynced. A crash leaves a `.tmp-` directory
 that is never read, and the previous checkpoint untouched. Writing goes through a file-backed
-tensor (`torch.from_file(shared=True)`) in bounded chunks, so a 10M-row table is written without
-a second copy of its weights in memory.
+tensor (`torch.from_file(shared=True)`, a shared mapping of data.bin) in bounded chunks, so a
+10M-row table is written without a second copy of its weights in memory.
 
 Restore verifies the whole chain (full, then incrementals) before reading anything; any missing
 file, size or checksum mismatch, unparsable or tampered manifest raises CheckpointError, and
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -41,9 +43,12 @@ from liverec.embedding_store.table import Table
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+DATA = "data.bin"
+_ALIGN = 64
 _NAME = re.compile(r"^(\d{8})-(full|incremental)$")
 _CHUNK_BYTES = 64 << 20
-_DTYPE_NAMES = {**{dtype: name for name, dtype in DTYPES.items()}, torch.int64: "int64", torch.int32: "int32"}
+_DTYPES_BY_NAME = {**DTYPES, "int64": torch.int64, "int32": torch.int32}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES_BY_NAME.items()}
 
 
 class CheckpointError(Exception):
@@ -73,11 +78,12 @@ def save(store: EmbeddingStore, root: str | Path, *, incremental: bool = False) 
     tmp = root / f".tmp-{name}-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        files: dict[str, dict[str, Any]] = {}
+        pieces: list[_Piece] = []
         tables = [
-            _save_table(table, f"t{i}", tmp, files, incremental=incremental)
+            _table_entry(table, f"t{i}", pieces, incremental=incremental)
             for i, table in enumerate(store.tables.values())
         ]
+        tensors, data = _write_data(tmp / DATA, pieces)
         body = {
             "format": FORMAT,
             "kind": "incremental" if incremental else "full",
@@ -85,7 +91,8 @@ def save(store: EmbeddingStore, root: str | Path, *, incremental: bool = False) 
             "parent": parent,
             "store": {"seed": store.seed, "version": store.version},
             "tables": tables,
-            "files": files,
+            "tensors": tensors,
+            "data": data,
         }
         _write_manifest(tmp / MANIFEST, body)
         _fsync(tmp)
@@ -109,19 +116,36 @@ def _incremental_parent(store: EmbeddingStore, root: Path) -> str:
     return last.name
 
 
-def _save_table(table: Table, prefix: str, directory: Path, files: dict[str, dict[str, Any]], *,
-                incremental: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Piece:
+    """One tensor to write: `source`, or only its `rows` when given."""
+
+    name: str
+    source: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        count = self.source.shape[0] if self.rows is None else self.rows.numel()
+        return (count, *self.source.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.source.element_size()
+
+
+def _table_entry(table: Table, prefix: str, pieces: list[_Piece], *, incremental: bool) -> dict[str, Any]:
+    """Queue the table's tensors in `pieces`; return its manifest entry."""
     if incremental:
         rows, removed = table.changes("checkpoint")
-        files[f"{prefix}.removed"] = _write_tensor(directory, f"{prefix}.removed", removed)
+        pieces.append(_Piece(f"{prefix}.removed", removed))
     else:
         rows = table.live_rows()
-    files[f"{prefix}.rows"] = _write_tensor(directory, f"{prefix}.rows", rows)
-    files[f"{prefix}.keys"] = _write_tensor(directory, f"{prefix}.keys", table.keys_by_row, rows)
-    for column, tensor in table.columns().items():
-        files[f"{prefix}.{column}"] = _write_tensor(directory, f"{prefix}.{column}", tensor, rows)
+    pieces.append(_Piece(f"{prefix}.rows", rows))
+    pieces.append(_Piece(f"{prefix}.keys", table.keys_by_row, rows))
+    pieces.extend(_Piece(f"{prefix}.{column}", tensor, rows) for column, tensor in table.columns().items())
     if table.sketch is not None:
-        files[f"{prefix}.sketch"] = _write_tensor(directory, f"{prefix}.sketch", table.sketch.counters)
+        pieces.append(_Piece(f"{prefix}.sketch", table.sketch.counters))
     return {
         "config": table.config.to_dict(),
         "prefix": prefix,
@@ -132,29 +156,38 @@ def _save_table(table: Table, prefix: str, directory: Path, files: dict[str, dic
     }
 
 
-def _write_tensor(directory: Path, name: str, source: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, Any]:
-    """Write `source` (or its `rows`) raw to `<name>.bin` through a file-backed tensor, in chunks
-    of bounded size; fsync it; return its manifest record (dtype, shape, bytes, sha256)."""
-    count = source.shape[0] if rows is None else rows.numel()
-    shape = (count, *source.shape[1:])
-    path = directory / f"{name}.bin"
-    numel = 1
-    for size in shape:
-        numel *= size
-    if numel == 0:
+def _write_data(path: Path, pieces: list[_Piece]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write every piece raw into one file (64-byte aligned) through a shared file mapping, in
+    chunks of bounded size; fsync it. Returns the tensor records and the file's size and sha256."""
+    tensors: dict[str, Any] = {}
+    offset = 0
+    for piece in pieces:
+        tensors[piece.name] = {"offset": offset, "dtype": _DTYPE_NAMES[piece.source.dtype], "shape": list(piece.shape)}
+        offset += -(-piece.nbytes // _ALIGN) * _ALIGN
+    if offset == 0:
         path.touch()
     else:
-        target = torch.from_file(str(path), shared=True, size=numel, dtype=source.dtype).view(shape)
-        row_bytes = max(source[:1].numel() * source.element_size(), 1)
-        step = max(_CHUNK_BYTES // row_bytes, 1)
-        for start in range(0, count, step):
-            stop = min(start + step, count)
-            chunk = source[start:stop] if rows is None else source.index_select(0, rows[start:stop])
-            target[start:stop] = chunk.cpu()
-        del target
+        mapped = torch.from_file(str(path), shared=True, size=offset, dtype=torch.uint8)
+        for piece in pieces:
+            start = tensors[piece.name]["offset"]
+            target = mapped[start : start + piece.nbytes].view(piece.source.dtype).view(piece.shape)
+            _copy_rows(piece, target)
+        del mapped
     _fsync(path)
-    return {"dtype": _DTYPE_NAMES[source.dtype], "shape": list(shape), "bytes": path.stat().st_size,
-            "sha256": _sha256(path)}
+    return tensors, {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _copy_rows(piece: _Piece, target: torch.Tensor) -> None:
+    count = target.shape[0]
+    row_bytes = max(piece.nbytes // max(count, 1), 1)
+    step = max(_CHUNK_BYTES // row_bytes, 1)
+    for start in range(0, count, step):
+        stop = min(start + step, count)
+        if piece.rows is None:
+            chunk = piece.source[start:stop]
+        else:
+            chunk = piece.source.index_select(0, piece.rows[start:stop])
+        target[start:stop] = chunk.cpu()
 
 
 def _write_manifest(path: Path, body: dict[str, Any]) -> None:
@@ -225,18 +258,19 @@ def _restore_table(table: Table, chain: list[tuple[_Checkpoint, dict[str, Any]]]
 
 
 def _read_tensor(link: _Checkpoint, name: str) -> torch.Tensor:
-    """A verified file as a CPU tensor (copy-on-write mapping of the file)."""
-    record = link.manifest["files"].get(name)
+    """A tensor of a verified checkpoint, as a CPU view of a private mapping of its data file."""
+    record = link.manifest["tensors"].get(name)
     if record is None:
-        raise CheckpointError(f"{link.path} has no file {name!r} in its manifest")
+        raise CheckpointError(f"{link.path} has no tensor {name!r} in its manifest")
     shape = tuple(record["shape"])
-    dtype = {**DTYPES, "int64": torch.int64, "int32": torch.int32}[record["dtype"]]
-    numel = 1
-    for size in shape:
-        numel *= size
-    if numel == 0:
+    dtype = _DTYPES_BY_NAME[record["dtype"]]
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.from_file(str(link.path / f"{name}.bin"), shared=False, size=numel, dtype=dtype).view(shape)
+    if record["offset"] % _ALIGN or record["offset"] + nbytes > link.manifest["data"]["bytes"]:
+        raise CheckpointError(f"{link.path}: tensor {name!r} lies outside {DATA}")
+    mapped = torch.from_file(str(link.path / DATA), shared=False, size=link.manifest["data"]["bytes"], dtype=torch.uint8)
+    return mapped[record["offset"] : record["offset"] + nbytes].view(dtype).view(shape)
 
 
 def verify(path: str | Path) -> list[_Checkpoint]:
@@ -251,14 +285,13 @@ def verify(path: str | Path) -> list[_Checkpoint]:
         chain.append(_load_manifest(chain[-1].path.parent / parent))
     chain.reverse()
     for link in chain:
-        for name, record in link.manifest["files"].items():
-            file = link.path / f"{name}.bin"
-            if not file.is_file():
-                raise CheckpointError(f"{link.path} is missing {file.name}")
-            if file.stat().st_size != record["bytes"]:
-                raise CheckpointError(f"{file} has {file.stat().st_size} bytes, the manifest says {record['bytes']}")
-            if _sha256(file) != record["sha256"]:
-                raise CheckpointError(f"{file} does not match its sha256 in the manifest (corrupt)")
+        data, record = link.path / DATA, link.manifest["data"]
+        if not data.is_file():
+            raise CheckpointError(f"{link.path} is missing {DATA}")
+        if data.stat().st_size != record["bytes"]:
+            raise CheckpointError(f"{data} has {data.stat().st_size} bytes, the manifest says {record['bytes']}")
+        if _sha256(data) != record["sha256"]:
+            raise CheckpointError(f"{data} does not match its sha256 in the manifest (corrupt)")
     return chain
 
 

@@ -21,6 +21,8 @@ import torch
 
 from liverec.embedding_store.kernels import EMPTY_KEY, TOMBSTONE_KEY
 
+# Below this batch size a parallel launch (~0.1 ms of thread wake-up) costs more than the loop.
+PARALLEL_MIN = 16384
 _EMPTY = np.int64(EMPTY_KEY)
 _TOMBSTONE = np.int64(TOMBSTONE_KEY)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -41,22 +43,59 @@ def _home(key: np.int64, mask: np.uint64) -> np.int64:
     return np.int64(z & mask)
 
 
+@numba.njit(cache=True, inline="always")
+def _find_one(slot_keys: np.ndarray, slot_vals: np.ndarray, key: np.int64, mask: np.uint64) -> np.int64:
+    slot = _home(key, mask)
+    while True:
+        held = slot_keys[slot]
+        if held == key:
+            return slot_vals[slot]
+        if held == _EMPTY:
+            return np.int64(-1)
+        slot = np.int64(np.uint64(slot + 1) & mask)
+
+
+@numba.njit(cache=True, inline="always")
+def _erase_one(slot_keys: np.ndarray, slot_vals: np.ndarray, key: np.int64, mask: np.uint64) -> np.int64:
+    slot = _home(key, mask)
+    while True:
+        held = slot_keys[slot]
+        if held == key:
+            value = slot_vals[slot]
+            slot_keys[slot] = _TOMBSTONE
+            slot_vals[slot] = -1
+            return value
+        if held == _EMPTY:
+            return np.int64(-1)
+        slot = np.int64(np.uint64(slot + 1) & mask)
+
+
 @numba.njit(cache=True, parallel=True)
-def _find(slot_keys: np.ndarray, slot_vals: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
+def _find_parallel(slot_keys: np.ndarray, slot_vals: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
     mask = np.uint64(slot_keys.shape[0] - 1)
     for i in numba.prange(queries.shape[0]):
-        key = queries[i]
-        slot = _home(key, mask)
-        result = np.int64(-1)
-        while True:
-            held = slot_keys[slot]
-            if held == key:
-                result = slot_vals[slot]
-                break
-            if held == _EMPTY:
-                break
-            slot = np.int64(np.uint64(slot + 1) & mask)
-        out[i] = result
+        out[i] = _find_one(slot_keys, slot_vals, queries[i], mask)
+
+
+@numba.njit(cache=True)
+def _find_serial(slot_keys: np.ndarray, slot_vals: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
+    mask = np.uint64(slot_keys.shape[0] - 1)
+    for i in range(queries.shape[0]):
+        out[i] = _find_one(slot_keys, slot_vals, queries[i], mask)
+
+
+@numba.njit(cache=True, parallel=True)
+def _erase_parallel(slot_keys: np.ndarray, slot_vals: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
+    mask = np.uint64(slot_keys.shape[0] - 1)
+    for i in numba.prange(keys.shape[0]):
+        out[i] = _erase_one(slot_keys, slot_vals, keys[i], mask)
+
+
+@numba.njit(cache=True)
+def _erase_serial(slot_keys: np.ndarray, slot_vals: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
+    mask = np.uint64(slot_keys.shape[0] - 1)
+    for i in range(keys.shape[0]):
+        out[i] = _erase_one(slot_keys, slot_vals, keys[i], mask)
 
 
 @numba.njit(cache=True)
@@ -72,26 +111,6 @@ def _insert(slot_keys: np.ndarray, slot_vals: np.ndarray, keys: np.ndarray, vals
                 slot_vals[slot] = vals[i]
                 break
             slot = np.int64(np.uint64(slot + 1) & mask)
-
-
-@numba.njit(cache=True, parallel=True)
-def _erase(slot_keys: np.ndarray, slot_vals: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
-    mask = np.uint64(slot_keys.shape[0] - 1)
-    for i in numba.prange(keys.shape[0]):
-        key = keys[i]
-        slot = _home(key, mask)
-        result = np.int64(-1)
-        while True:
-            held = slot_keys[slot]
-            if held == key:
-                result = slot_vals[slot]
-                slot_keys[slot] = _TOMBSTONE
-                slot_vals[slot] = -1
-                break
-            if held == _EMPTY:
-                break
-            slot = np.int64(np.uint64(slot + 1) & mask)
-        out[i] = result
 
 
 def _check(tensor: torch.Tensor) -> None:
@@ -116,7 +135,8 @@ def _slots(tensor: torch.Tensor) -> np.ndarray:
 def find(slot_keys: torch.Tensor, slot_vals: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """Value stored for each query, -1 where the query is absent."""
     out = torch.empty(queries.shape[0], dtype=torch.int64)
-    _find(_slots(slot_keys), _slots(slot_vals), _view(queries), out.numpy())
+    kernel = _find_parallel if queries.shape[0] >= PARALLEL_MIN else _find_serial
+    kernel(_slots(slot_keys), _slots(slot_vals), _view(queries), out.numpy())
     return out
 
 
@@ -128,5 +148,6 @@ def insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor,
 def erase(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Erase each key (its slot becomes a TOMBSTONE); the erased value per key, -1 where absent."""
     out = torch.empty(keys.shape[0], dtype=torch.int64)
-    _erase(_slots(slot_keys), _slots(slot_vals), _view(keys), out.numpy())
+    kernel = _erase_parallel if keys.shape[0] >= PARALLEL_MIN else _erase_serial
+    kernel(_slots(slot_keys), _slots(slot_vals), _view(keys), out.numpy())
     return out
