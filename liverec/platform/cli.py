@@ -104,6 +104,32 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trainer_config(args: argparse.Namespace) -> LiverecConfig:
+    config = _config(args)
+    changes = {}
+    if args.state_dir:
+        changes["state_dir"] = args.state_dir
+    if args.deterministic:
+        changes["deterministic"] = True
+    if args.metrics_port is not None:
+        changes["metrics_port"] = args.metrics_port
+    return dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, **changes)) if changes else config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from liverec.trainer.progress import TrainingProgress
+    from liverec.trainer.worker import TrainerWorker
+
+    stop = _stop_event_on_signals()
+    worker = TrainerWorker(_trainer_config(args), stop=stop)
+    with TrainingProgress(worker, enabled=not args.quiet):
+        counters = worker.run(max_events=args.max_events, idle_exit_s=args.idle_exit)
+    print(json.dumps({"consumed": counters.consumed, "applied": counters.applied,
+                      "dead_lettered": counters.dead_lettered, "offsets": worker.offsets,
+                      "metrics_port": worker.metrics_port, **worker.online_metrics()}))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"benchmarks.{args.name}")
     return int(module.main(args.rest))
@@ -140,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep original timestamps even if they predate 2000 (the trainer will dead-letter them)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("train", help="run the online trainer on the events topic")
+    p.add_argument("--state-dir", help="checkpoints and RocksDB live here (default: trainer.state_dir)")
+    p.add_argument("--deterministic", action="store_true", help="cut batches by offsets: bit-identical replays")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port on 127.0.0.1 (0: any free)")
+    p.add_argument("--max-events", type=int, default=None, help="stop after consuming this many records")
+    p.add_argument("--idle-exit", type=float, default=None, help="stop after this many seconds without new events")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="run a benchmark (prints a table, writes benchmarks/results/NAME.json)")
     p.add_argument("name", choices=BENCHMARKS)

@@ -124,7 +124,6 @@ class TrainerConfig:
     state_dir: str = "runs/trainer"
     batch_events: int = 256
     batch_max_ms: int = 200
-    history_len: int = 50
     negatives: int = 256
     dense_lr: float = 1e-3
     item_lr: float = 0.05
@@ -140,7 +139,7 @@ class TrainerConfig:
     metrics_port: int = 9400
 
     def __post_init__(self) -> None:
-        for name in ("batch_events", "batch_max_ms", "history_len", "negatives", "checkpoint_every_events",
+        for name in ("batch_events", "batch_max_ms", "negatives", "checkpoint_every_events",
                      "checkpoints_kept", "expire_every_events", "min_count"):
             _require(getattr(self, name) >= 1, f"trainer.{name}", "must be >= 1")
         _require(self.dense_lr > 0, "trainer.dense_lr", "must be > 0")

@@ -1,0 +1,352 @@
+"""The online trainer process: Kafka in, learning, checkpoints, dead letters and metrics out.
+
+One worker owns every partition of the events topic (manual assignment; the model is one
+replica). Offsets come from its own newest checkpoint, never from the group: the checkpoint is
+the truth, and group commits are made after each checkpoint only so that standard Kafka tooling
+shows the trainer's lag.
+
+Micro-batches close at `batch_events` records or `batch_max_ms`. In deterministic mode they are
+cut by offsets instead: each batch takes up to `batch_events` records from every partition, in
+partition order, and waits for them; checkpoints and expiry happen on event counts only. With a
+log that is not being appended to (a recorded replay) the sequence of batches is then a function
+of the offsets alone, so a run killed and restarted any number of times ends bit-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from kafka import TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from liverec.embedding_store.config import TableConfig
+from liverec.embedding_store.store import EmbeddingStore
+from liverec.platform.config import LiverecConfig
+from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
+from liverec.trainer.checkpoint import CheckpointManager
+from liverec.trainer.decode import Rejected, decode_records
+from liverec.trainer.dlq import DeadLetterQueue
+from liverec.trainer.history import HistoryStore
+from liverec.trainer.items import ITEM_TABLE, StoreItemTable
+from liverec.trainer.learner import OnlineLearner, StepResult
+from liverec.trainer.metrics import TrainerMetrics
+
+log = logging.getLogger(__name__)
+
+_LAG_EVERY_S = 1.0
+_PREQ_WINDOW = 5_000  # events in the rolling prequential HR/NDCG gauges
+
+
+@dataclass
+class Counters:
+    """Totals carried in checkpoints: what the restored state has seen, exactly."""
+
+    consumed: int = 0
+    applied: int = 0
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+    scored: int = 0
+    hits: float = 0.0
+    ndcg_sum: float = 0.0
+    pop_hits: float = 0.0
+    pop_ndcg_sum: float = 0.0
+
+
+def item_table_config(config: LiverecConfig) -> TableConfig:
+    tc = config.trainer
+    return TableConfig(name=ITEM_TABLE, dim=config.model.encoder.dim, min_count=tc.min_count, ttl_s=tc.item_ttl_s,
+                       optimizer="adagrad", lr=tc.item_lr, initial_capacity=4096)
+
+
+class TrainerWorker:
+    def __init__(self, config: LiverecConfig, stop: threading.Event | None = None) -> None:
+        self.config = config
+        tc = config.trainer
+        self.stop = stop or threading.Event()
+        self.state_dir = Path(tc.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = TrainerMetrics()
+        self.checkpoints = CheckpointManager(self.state_dir, tc.checkpoints_kept)
+        # The history keeps exactly what the model can attend to: its training window.
+        self.history = HistoryStore(self.state_dir / "history", config.model.encoder.max_len)
+        restored = self.checkpoints.restore_latest()
+        store = restored.store if restored else EmbeddingStore([item_table_config(config)], seed=tc.seed)
+        self.store = store
+        self.learner = OnlineLearner(config.model, StoreItemTable(store), self.history, negatives=tc.negatives,
+                                     dense_lr=tc.dense_lr, seed=tc.seed)
+        self.offsets: dict[int, int] = {}
+        self.counters = Counters()
+        self._preq_window: list[tuple[int, float, float]] = []
+        if restored:
+            self._load_state(restored.state)
+            self.history.restore_from(restored.path / "history")
+            log.info("restored checkpoint", extra={"checkpoint": str(restored.path), "offsets": self.offsets,
+                                                   "applied": self.counters.applied})
+        self._events_since_checkpoint = 0
+        self._last_checkpoint_time = time.monotonic()
+        self._last_lag_time = 0.0
+        self.metrics_port: int | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "model": self.learner.model.state_dict(),
+            "optimizer": self.learner.optimizer.state_dict(),
+            "version": self.learner.version,
+            "torch_rng": torch.get_rng_state(),
+            "sampler_rng": self.learner.generator.get_state(),
+            "offsets": dict(self.offsets),
+            "counters": {"consumed": c.consumed, "applied": c.applied, "dead_lettered": dict(c.dead_lettered),
+                         "scored": c.scored, "hits": c.hits, "ndcg_sum": c.ndcg_sum,
+                         "pop_hits": c.pop_hits, "pop_ndcg_sum": c.pop_ndcg_sum},
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.learner.model.load_state_dict(state["model"])
+        self.learner.optimizer.load_state_dict(state["optimizer"])
+        self.learner.version = state["version"]
+        torch.set_rng_state(state["torch_rng"])
+        self.learner.generator.set_state(state["sampler_rng"])
+        self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
+        self.counters = Counters(**state["counters"])
+
+    def checkpoint(self) -> Path:
+        start = time.perf_counter()
+        self.dlq.flush()  # dead letters are durable before the offsets move past them
+        path = self.checkpoints.save(self._state(), self.store, self.history.checkpoint)
+        self.metrics.checkpoint_done(time.perf_counter() - start)
+        self._events_since_checkpoint = 0
+        self._last_checkpoint_time = time.monotonic()
+        self._commit_group_offsets()
+        log.info("checkpoint", extra={"checkpoint": str(path), "applied": self.counters.applied,
+                                      "seconds": round(time.perf_counter() - start, 3)})
+        return path
+
+    def _commit_group_offsets(self) -> None:
+        if not self.offsets:
+            return
+        topic = self.config.topics.events
+        self.consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in self.offsets.items()})
+
+    # -- Kafka -----------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        config = self.config
+        ensure_topics(config.kafka, config.topics)
+        self.consumer = make_consumer(config.kafka, group_id=config.trainer.group_id)
+        topic = config.topics.events
+        deadline = time.monotonic() + 30
+        partitions = self.consumer.partitions_for_topic(topic)
+        while not partitions and time.monotonic() < deadline:
+            time.sleep(0.2)
+            partitions = self.consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise RuntimeError(f"topic {topic!r} has no partitions visible to the trainer")
+        self.partitions = sorted(partitions)
+        tps = [TopicPartition(topic, p) for p in self.partitions]
+        self.consumer.assign(tps)
+        for tp in tps:
+            if tp.partition in self.offsets:
+                self.consumer.seek(tp, self.offsets[tp.partition])
+            else:
+                self.consumer.seek_to_beginning(tp)
+        self.dlq = DeadLetterQueue(make_producer(config.kafka), config.topics.dlq, self.metrics)
+
+    def _update_lag(self, force: bool = False) -> dict[int, int]:
+        now = time.monotonic()
+        if not force and now - self._last_lag_time < _LAG_EVERY_S:
+            return {}
+        self._last_lag_time = now
+        topic = self.config.topics.events
+        ends = self.consumer.end_offsets([TopicPartition(topic, p) for p in self.partitions])
+        lag = {tp.partition: max(0, end - self.offsets.get(tp.partition, 0)) for tp, end in ends.items()}
+        for p, value in lag.items():
+            self.metrics.lag.labels(partition=str(p)).set(value)
+        return lag
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self, *, max_events: int | None = None, idle_exit_s: float | None = None) -> Counters:
+        """Train until stopped, `max_events` records consumed in total, or `idle_exit_s` without data."""
+        tc = self.config.trainer
+        self._connect()
+        if self.metrics_port is None and tc.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(tc.metrics_host, tc.metrics_port)
+        buffers: dict[int, list[Any]] = defaultdict(list)
+        ends: dict[int, int] = {}
+        first_buffered = 0.0
+        last_data = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                if max_events is not None and self.counters.consumed >= max_events:
+                    break
+                polled = self.consumer.poll(timeout_ms=50, max_records=self.config.kafka.consumer_max_poll_records)
+                got = 0
+                for tp, records in polled.items():
+                    buffers[tp.partition].extend(records)
+                    got += len(records)
+                now = time.monotonic()
+                if got:
+                    last_data = now
+                    if not first_buffered:
+                        first_buffered = now
+                if tc.deterministic:
+                    batch = self._cut_by_offsets(buffers, ends)
+                else:
+                    buffered = sum(len(b) for b in buffers.values())
+                    full = buffered >= tc.batch_events
+                    due = buffered and (now - first_buffered) * 1000 >= tc.batch_max_ms
+                    batch = self._take_all(buffers, max_events) if full or due else []
+                if batch:
+                    first_buffered = 0.0 if not any(buffers.values()) else now
+                    self._process(batch)
+                elif idle_exit_s is not None and now - last_data >= idle_exit_s and not any(buffers.values()):
+                    break
+                self._update_lag()
+                if not tc.deterministic and now - self._last_checkpoint_time >= tc.checkpoint_every_s \
+                        and self._events_since_checkpoint:
+                    self.checkpoint()
+        finally:
+            self._shutdown()
+        return self.counters
+
+    def _take_all(self, buffers: dict[int, list[Any]], max_events: int | None) -> list[Any]:
+        limit = self.config.trainer.batch_events
+        if max_events is not None:
+            limit = min(limit, max_events - self.counters.consumed)
+        batch: list[Any] = []
+        for p in sorted(buffers):
+            room = limit - len(batch)
+            if room <= 0:
+                break
+            batch.extend(buffers[p][:room])
+            del buffers[p][:room]
+        return batch
+
+    def _cut_by_offsets(self, buffers: dict[int, list[Any]], ends: dict[int, int]) -> list[Any]:
+        """Up to `batch_events` records per partition, but only once every partition has them
+        (or is at the end offset of the snapshot `ends`); empty while waiting."""
+        size = self.config.trainer.batch_events
+        if not ends or all(self.offsets.get(p, 0) >= ends.get(p, 0) for p in self.partitions):
+            topic = self.config.topics.events
+            snapshot = self.consumer.end_offsets([TopicPartition(topic, p) for p in self.partitions])
+            ends.clear()
+            ends.update({tp.partition: off for tp, off in snapshot.items()})
+        need = {p: min(size, ends[p] - self.offsets.get(p, 0)) for p in self.partitions}
+        if sum(need.values()) == 0 or any(len(buffers[p]) < n for p, n in need.items()):
+            return []
+        batch: list[Any] = []
+        for p in self.partitions:
+            batch.extend(buffers[p][: need[p]])
+            del buffers[p][: need[p]]
+        return batch
+
+    def _process(self, records: list[Any]) -> None:
+        tc = self.config.trainer
+        m = self.metrics
+        start = time.perf_counter()
+        batch, rejected = decode_records(records)
+        decoded = time.perf_counter()
+        self._dead_letter(rejected)
+        result = self.learner.step(batch) if len(batch) else None
+        learned = time.perf_counter()
+        for rec in records:
+            if rec.offset + 1 > self.offsets.get(rec.partition, 0):
+                self.offsets[rec.partition] = rec.offset + 1
+        before = self.counters.applied
+        self.counters.consumed += len(records)
+        self.counters.applied += len(batch)
+        m.consumed.inc(len(records))
+        m.applied.inc(len(batch))
+        if result is not None:
+            self._record(result)
+        if before // tc.expire_every_events != self.counters.applied // tc.expire_every_events and len(batch):
+            self.store.expire(int(batch.event_time_ms.max()) // 1000)
+        self._events_since_checkpoint += len(records)
+        m.batch_seconds.labels(stage="decode").observe(decoded - start)
+        m.batch_seconds.labels(stage="learn").observe(learned - decoded)
+        m.batch_seconds.labels(stage="total").observe(time.perf_counter() - start)
+        m.model_version.set(self.learner.version)
+        for name, stats in self.store.stats().items():
+            for stat in ("rows", "capacity", "admitted", "filtered", "expired", "evicted"):
+                m.store_gauge.labels(table=name, stat=stat).set(getattr(stats, stat))
+        if self._events_since_checkpoint >= tc.checkpoint_every_events:
+            self.checkpoint()
+
+    def _dead_letter(self, rejected: list[Rejected]) -> None:
+        if not rejected:
+            return
+        self.dlq.send(rejected)
+        for r in rejected:
+            self.counters.dead_lettered[r.reason] = self.counters.dead_lettered.get(r.reason, 0) + 1
+        log.warning("dead-lettered events", extra={"count": len(rejected), "reasons": sorted({r.reason for r in rejected})})
+
+    def _record(self, r: StepResult) -> None:
+        c, m = self.counters, self.metrics
+        c.scored += r.scored
+        c.hits += r.hits
+        c.ndcg_sum += r.ndcg_sum
+        c.pop_hits += r.pop_hits
+        c.pop_ndcg_sum += r.pop_ndcg_sum
+        if not math.isnan(r.loss):
+            m.loss.set(r.loss)
+        if r.scored:
+            m.preq_scored.inc(r.scored)
+            m.preq_hits.inc(r.hits)
+            m.preq_ndcg_sum.inc(r.ndcg_sum)
+            self._preq_window.append((r.scored, r.hits, r.ndcg_sum))
+            while sum(s for s, _, _ in self._preq_window) > _PREQ_WINDOW and len(self._preq_window) > 1:
+                self._preq_window.pop(0)
+            scored = sum(s for s, _, _ in self._preq_window)
+            m.preq_hr.set(sum(h for _, h, _ in self._preq_window) / scored)
+            m.preq_ndcg.set(sum(n for _, _, n in self._preq_window) / scored)
+
+    def _shutdown(self) -> None:
+        """A final checkpoint when anything is unsaved, then close every client."""
+        try:
+            if self._events_since_checkpoint:
+                self.checkpoint()
+        finally:
+            self.dlq.producer.close()
+            self.consumer.close()
+            self.history.close()
+
+    def online_metrics(self) -> dict[str, float]:
+        c = self.counters
+        n = max(c.scored, 1)
+        return {"scored": c.scored, "HR@10": c.hits / n, "NDCG@10": c.ndcg_sum / n,
+                "popularity_HR@10": c.pop_hits / n, "popularity_NDCG@10": c.pop_ndcg_sum / n}
+
+
+def state_digest(worker: TrainerWorker) -> dict[str, Any]:
+    """Exact fingerprints of the trained state, for comparing two runs bit for bit."""
+    import hashlib
+
+    def digest(tensors: list[torch.Tensor]) -> str:
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    keys, weights = worker.store.table_items(ITEM_TABLE)
+    order = torch.argsort(keys)
+    history = hashlib.sha256()
+    for user, hist in worker.history.items():
+        history.update(np.int64(user).tobytes() + hist.item.tobytes() + hist.time_ms.tobytes() + hist.action.tobytes())
+    return {
+        "dense": digest([v for _, v in sorted(worker.learner.model.state_dict().items())]),
+        "store": digest([keys[order], weights[order]]),
+        "history": history.hexdigest(),
+        "applied": worker.counters.applied,
+    }

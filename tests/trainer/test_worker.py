@@ -1,0 +1,206 @@
+"""The online trainer against the real broker and real RocksDB: recovery, dead letters, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+from liverec.model.config import EncoderConfig, ModelConfig
+from liverec.platform.config import LiverecConfig
+from liverec.platform.datasets import load_dataset
+from liverec.platform.events import MIN_EVENT_TIME_MS, encode_event
+from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
+from liverec.platform.replay import rebase_times, replay
+from liverec.trainer.worker import TrainerWorker, state_digest
+from liverec.v1 import events_pb2
+
+# A small model keeps the suite fast; recovery does not depend on the model's size.
+SMALL_MODEL = {"LIVEREC_MODEL__ENCODER__DIM": "16", "LIVEREC_MODEL__ENCODER__LAYERS": "1",
+               "LIVEREC_MODEL__ENCODER__HEADS": "1", "LIVEREC_MODEL__ENCODER__MAX_LEN": "10",
+               "LIVEREC_TRAINER__NEGATIVES": "32", "LIVEREC_TRAINER__BATCH_EVENTS": "64",
+               "LIVEREC_TRAINER__CHECKPOINT_EVERY_EVENTS": "256", "LIVEREC_TRAINER__EXPIRE_EVERY_EVENTS": "500",
+               "LIVEREC_TRAINER__ITEM_TTL_S": str(30 * 24 * 3600)}
+RECOVERY_EVENTS = 3000
+KILLS = 5
+
+
+def small(config: LiverecConfig, state_dir: Path, **trainer: object) -> LiverecConfig:
+    model = ModelConfig(encoder=EncoderConfig(dim=16, layers=1, heads=1, max_len=10))
+    tc = dataclasses.replace(config.trainer, state_dir=str(state_dir), negatives=32, batch_events=64,
+                             checkpoint_every_events=256, expire_every_events=500, metrics_port=0,
+                             item_ttl_s=30 * 24 * 3600, **trainer)
+    return dataclasses.replace(config, model=model, trainer=tc)
+
+
+def publish_ml100k(config: LiverecConfig, ml100k: Path, n: int) -> None:
+    ensure_topics(config.kafka, config.topics)
+    table, _ = rebase_times(load_dataset(str(ml100k)).table)
+    producer = make_producer(config.kafka)
+    try:
+        replay(table, producer, config.topics.events, limit=n)
+    finally:
+        producer.close()
+
+
+def train_cmd(state_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "liverec.platform", "train", "--quiet", "--state-dir", str(state_dir),
+            "--metrics-port", "0", *extra]
+
+
+def run_with_kills(cli_env: dict[str, str], state_dir: Path, seed: int, *extra: str) -> dict:
+    """kill -9 the trainer at KILLS random moments, restarting it each time, then let it finish."""
+    env = {**cli_env, **SMALL_MODEL}
+    rng = random.Random(seed)
+    kills_landed = 0
+    for _ in range(KILLS):
+        proc = subprocess.Popen(train_cmd(state_dir, *extra), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 7.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills_landed += 1
+        proc.wait()
+    assert kills_landed == KILLS, "the trainer finished before every kill landed; raise RECOVERY_EVENTS"
+    done = subprocess.run(train_cmd(state_dir, "--idle-exit", "4", *extra), env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_deterministic_mode_survives_kill_9_bit_for_bit(config, cli_env, ml100k, tmp_path) -> None:
+    publish_ml100k(config, ml100k, RECOVERY_EVENTS)
+    reference = small(config, tmp_path / "reference", deterministic=True)
+    worker = TrainerWorker(reference)
+    counters = worker.run(idle_exit_s=3)
+    assert counters.applied == RECOVERY_EVENTS
+
+    killed_dir = tmp_path / "killed"
+    summary = run_with_kills(cli_env, killed_dir, 1, "--deterministic")
+    assert summary["applied"] == RECOVERY_EVENTS
+
+    expected = state_digest(TrainerWorker(reference))
+    actual = state_digest(TrainerWorker(small(config, killed_dir, deterministic=True)))
+    assert actual == expected  # dense weights, store rows and histories: bit for bit
+
+
+@pytest.mark.slow
+def test_default_mode_applies_every_event_exactly_once_across_kills(config, cli_env, ml100k, tmp_path) -> None:
+    publish_ml100k(config, ml100k, RECOVERY_EVENTS)
+    summary = run_with_kills(cli_env, tmp_path / "state", 2)
+    assert summary["applied"] == RECOVERY_EVENTS and summary["consumed"] == RECOVERY_EVENTS
+    assert summary["dead_lettered"] == {}
+    consumer = make_consumer(config.kafka, group_id=None)
+    try:
+        from kafka import TopicPartition
+
+        tps = [TopicPartition(config.topics.events, p) for p in range(config.topics.partitions)]
+        ends = consumer.end_offsets(tps)
+    finally:
+        consumer.close()
+    # The checkpointed offsets are exactly the log ends: every event consumed once, none twice.
+    assert {int(p): o for p, o in summary["offsets"].items()} == {tp.partition: ends[tp] for tp in tps}
+    restored = TrainerWorker(small(config, tmp_path / "state"))
+    assert restored.history.num_users() > 0
+    assert sum(len(h) for _, h in restored.history.items()) == min(
+        RECOVERY_EVENTS, sum(min(len(h), 10) for _, h in restored.history.items()))
+
+
+def bad_records() -> dict[str, list[bytes]]:
+    t = 1_700_000_000_000
+
+    def ev(**kw: object) -> bytes:
+        fields = {"user_id": 5, "item_id": 6, "action": events_pb2.ACTION_CLICK, "event_time_ms": t, **kw}
+        return events_pb2.UserEvent(**fields).SerializeToString()
+
+    return {
+        "undecodable": [b"\xff\xfe garbage"],
+        "wrong_schema": [descriptor_pb2.FileDescriptorProto(name="a.proto").SerializeToString()],
+        "missing_field": [ev(item_id=0)],
+        "id_out_of_range": [ev(user_id=-3)],
+        "time_out_of_range": [ev(event_time_ms=MIN_EVENT_TIME_MS - 1000)],
+        "nan_value": [ev(value=float("nan"))],
+    }
+
+
+def test_bad_events_go_to_the_dlq_with_their_reason_and_good_ones_are_applied(config, tmp_path) -> None:
+    ensure_topics(config.kafka, config.topics)
+    producer = make_producer(config.kafka)
+    good = 0
+    sent_bad: dict[bytes, str] = {}
+    t = 1_700_000_000_000
+    for i in range(300):
+        producer.send(config.topics.events, key=str(i % 17 + 1).encode(),
+                      value=encode_event(i % 17 + 1, i % 29 + 1, events_pb2.ACTION_VIEW, float("nan"), t + i))
+        good += 1
+        if i % 50 == 0:
+            for reason, raws in bad_records().items():
+                for raw in raws:
+                    producer.send(config.topics.events, key=b"9", value=raw)
+                    sent_bad[raw] = reason
+    producer.flush()
+    producer.close()
+    total = good + len(sent_bad) * 6
+    worker = TrainerWorker(small(config, tmp_path / "state"))
+    counters = worker.run(idle_exit_s=3)
+    assert counters.applied == good
+    assert counters.consumed == total
+    assert sum(counters.dead_lettered.values()) == total - good
+    assert set(counters.dead_lettered) == set(bad_records())
+
+    consumer = make_consumer(config.kafka, config.topics.dlq, group_id=f"dlq-{config.topics.dlq}")
+    got = []
+    deadline = time.monotonic() + 30
+    while len(got) < total - good and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            got.extend(records)
+    consumer.close()
+    assert len(got) == total - good
+    for rec in got:
+        headers = dict(rec.headers)
+        assert headers["reason"].decode() == sent_bad[rec.value]  # original bytes, right reason
+        assert headers["source.topic"].decode() == config.topics.events
+        assert int(headers["source.offset"]) >= 0
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(config, ml100k, tmp_path) -> None:
+    publish_ml100k(config, ml100k, 1000)
+    cfg = small(config, tmp_path / "state")
+    first = TrainerWorker(cfg)
+    first.run(idle_exit_s=3)
+    names = first.checkpoints.names()
+    assert len(names) >= 2
+    newest = first.checkpoints.root / names[-1]
+    blob = (newest / "trainer.pt").read_bytes()
+    (newest / "trainer.pt").write_bytes(blob[: len(blob) // 2])  # a torn write
+
+    second = TrainerWorker(cfg)
+    previous_offsets = sum(second.offsets.values())
+    assert 0 < previous_offsets < 1000  # restored from the previous complete checkpoint
+    counters = second.run(idle_exit_s=3)
+    assert counters.applied == 1000  # the events after it were re-learned, none twice
+    assert counters.consumed == 1000
+
+
+def test_metrics_endpoint_exports_the_trainer_series(config, ml100k, tmp_path) -> None:
+    publish_ml100k(config, ml100k, 500)
+    worker = TrainerWorker(small(config, tmp_path / "state"))
+    worker.run(idle_exit_s=2)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).read().decode()
+    for name in ("liverec_trainer_events_consumed_total 500.0", "liverec_trainer_events_applied_total 500.0",
+                 "liverec_trainer_batch_seconds_bucket", "liverec_trainer_loss", "liverec_trainer_prequential_hr10",
+                 "liverec_trainer_prequential_ndcg10", 'liverec_store_stat{stat="rows",table="item"}',
+                 "liverec_trainer_checkpoint_seconds_count", "liverec_trainer_checkpoint_age_seconds",
+                 'liverec_trainer_consumer_lag{partition="0"}'):
+        assert name in body, name
