@@ -130,6 +130,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from liverec.trainer import evaluate
+
+    return int(evaluate.main(args.rest, config=_config(args)))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"benchmarks.{args.name}")
     return int(module.main(args.rest))
@@ -175,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-exit", type=float, default=None, help="stop after this many seconds without new events")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="leave-one-out evaluation: online pass vs offline training vs popularity",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="--dataset PATH [--format F] --protocol full|sampled100 ...")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="run a benchmark (prints a table, writes benchmarks/results/NAME.json)")
     p.add_argument("name", choices=BENCHMARKS)
