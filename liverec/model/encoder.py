@@ -44,18 +44,28 @@ from torch import Tensor, nn
 from liverec.model.config import EncoderConfig
 
 
-def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotate channel pairs (i, i + d/2) of `x [..., d]` by `pos * base^(-2i/d)`.
+def rope_tables(pos: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`(cos, signed sin)`, each `[*pos.shape, head_dim]`, that `rope` rotates by.
 
-    `pos` broadcasts against `x.shape[:-1]`. Rotating a query at p and a key at s makes their
-    dot product depend on s - p only, which is what lets cached keys outlive new positions.
+    Computed once per forward and shared by every layer and by queries and keys alike. Angles
+    are formed in float64 so positions of long-lived users (in the millions) keep full
+    precision; only the cos/sin are rounded to `dtype`.
     """
-    half = x.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
+    half = head_dim // 2
+    inv_freq = base ** (-torch.arange(half, device=pos.device, dtype=torch.float64) / half)
     angle = pos.to(torch.float64)[..., None] * inv_freq
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (i, i + d/2) of `x [..., d]` by the angles of `rope_tables`.
+
+    Rotating a query at p and a key at s makes their dot product depend on s - p only, which is
+    what lets cached keys outlive new positions. `roll` swaps the halves, and the signed sin
+    turns (x1, x2) into (x1 cos - x2 sin, x2 cos + x1 sin).
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def event_positions(valid: Tensor, start: Tensor) -> Tensor:
@@ -136,14 +146,14 @@ class KVCache:
 
 @dataclass(frozen=True)
 class EncoderOutput:
-    """hidden:       `[B, L, D]` final hidden state of each history slot.
+    """hidden:       `[B, L, D]` final hidden state of each history slot, or None when not asked for.
     query_hidden: `[B, Q, D]` hidden state of the query token after each requested slot (the
                   user state that predicts the next event), or None when no queries were asked.
     query_pos:    `[B, Q]` position of each of those query tokens, or None.
     kv:           the history's K/V, one slot per input slot (not compacted).
     """
 
-    hidden: Tensor
+    hidden: Tensor | None
     query_hidden: Tensor | None
     query_pos: Tensor | None
     kv: KVCache
@@ -155,7 +165,7 @@ class Block(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         d = config.dim
-        self.heads, self.rope_base, self.dropout = config.heads, config.rope_base, config.dropout
+        self.heads, self.head_dim, self.dropout = config.heads, config.head_dim, config.dropout
         self.norm1 = nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
@@ -164,20 +174,25 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, pos: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor
+        self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor, first: int = 0
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x `[B, N, D]` at positions `pos [B, N]`; mask `[B, 1, N, P + N]` over past + own keys.
+        """x `[B, N, D]` with rotation tables `[B, N, 1, 1, D/H]`; mask `[B, 1, N, P + N]` over
+        past + own keys. Returns the new x of tokens `first:` only, and the (rotated) K and V of
+        all N tokens, `[B, H, N, D/H]`.
 
-        Returns the new x and the (rotated) K and V of the N tokens, `[B, H, N, D/H]`.
+        The last layer passes `first = T` when no one reads the events' hidden states (training
+        and scoring read only the query tokens and the K/V): the events then only project K/V.
         """
-        q, k, v = self.qkv(self.norm1(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        q = rope(q, pos[:, None, :], self.rope_base)
-        k = rope(k, pos[:, None, :], self.rope_base)
-        keys = torch.cat((past_k.to(k.dtype), k), dim=2)
-        values = torch.cat((past_v.to(v.dtype), v), dim=2)
+        b, n, _ = x.shape
+        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, self.head_dim)
+        q, k = rope(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4)  # one rotation for q and k
+        v = qkv[:, :, 2].transpose(1, 2)
+        keys = torch.cat((past_k.to(k.dtype), k), dim=2) if past_k.shape[2] else k
+        values = torch.cat((past_v.to(v.dtype), v), dim=2) if past_v.shape[2] else v
         drop = self.dropout if self.training else 0.0
+        q, mask = q[:, :, first:], mask[:, :, first:]
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=drop)
-        x = x + self.drop(self.proj(a.transpose(1, 2).flatten(2)))
+        x = x[:, first:] + self.drop(self.proj(a.transpose(1, 2).flatten(2)))
         x = x + self.drop(self.ffn(self.norm2(x)))
         return x, k, v
 
@@ -202,6 +217,7 @@ class SequenceEncoder(nn.Module):
         valid: Tensor | None = None,
         start_pos: Tensor | None = None,
         queries: bool | Tensor = True,
+        hidden: bool = True,
     ) -> EncoderOutput:
         """Encode histories `item_emb [B, L, D]`, `actions [B, L]` from scratch.
 
@@ -209,6 +225,8 @@ class SequenceEncoder(nn.Module):
         `queries` places query tokens for next-event prediction: True after every slot
         (Q = L), a long tensor of ascending slot indices after those slots only (online
         training, where only the newest events are targets), False nowhere (just K/V).
+        `hidden=False` skips the events' final hidden states (`hidden` is then None), which
+        saves most of the last layer when only the queries and the K/V are read.
         """
         b, length, _ = item_emb.shape
         cache = KVCache.empty(self.config, b, item_emb.device, item_emb.dtype, start_pos)
@@ -216,11 +234,11 @@ class SequenceEncoder(nn.Module):
             anchors: Tensor | None = queries.to(item_emb.device)
         else:
             anchors = torch.arange(length, device=item_emb.device) if queries else None
-        hidden, query_hidden, kv, valid = self._run(cache, item_emb, actions, valid, anchors)
+        events, query_hidden, kv, valid = self._run(cache, item_emb, actions, valid, anchors, hidden)
         if anchors is None:
-            return EncoderOutput(hidden, None, None, kv)
+            return EncoderOutput(events, None, None, kv)
         query_pos = (event_positions(valid, cache.next_pos) + valid.long())[:, anchors]
-        return EncoderOutput(hidden, query_hidden, query_pos, kv)
+        return EncoderOutput(events, query_hidden, query_pos, kv)
 
     def extend(
         self,
@@ -236,7 +254,8 @@ class SequenceEncoder(nn.Module):
         Returns their hidden states `[B, T, D]` and the extended cache, compacted to each user's
         last `capacity` events (default `max_len`).
         """
-        hidden, _, kv, _ = self._run(cache, item_emb, actions, valid, None)
+        hidden, _, kv, _ = self._run(cache, item_emb, actions, valid, None, True)
+        assert hidden is not None
         return hidden, kv.compact(self.config.max_len if capacity is None else capacity)
 
     def query(self, cache: KVCache) -> Tensor:
@@ -247,17 +266,24 @@ class SequenceEncoder(nn.Module):
         empty = self.query_token.new_zeros(b, 0, self.config.dim)
         actions = torch.zeros(b, 0, dtype=torch.long, device=empty.device)
         anchors = torch.full((1,), -1, dtype=torch.long, device=empty.device)
-        _, query_hidden, _, _ = self._run(cache, empty, actions, None, anchors)
+        _, query_hidden, _, _ = self._run(cache, empty, actions, None, anchors, False)
+        assert query_hidden is not None
         return query_hidden[:, 0]
 
     def _run(
-        self, cache: KVCache, item_emb: Tensor, actions: Tensor, valid: Tensor | None, anchors: Tensor | None
-    ) -> tuple[Tensor, Tensor | None, KVCache, Tensor]:
+        self,
+        cache: KVCache,
+        item_emb: Tensor,
+        actions: Tensor,
+        valid: Tensor | None,
+        anchors: Tensor | None,
+        hidden: bool,
+    ) -> tuple[Tensor | None, Tensor | None, KVCache, Tensor]:
         """Run T new events (and Q query tokens) through every layer on top of `cache`.
 
         Query token q follows new event `anchors[q]` (-1: only the cache): it sees the cache, the
-        valid new events up to its anchor, and itself. Returns (event hidden `[B, T, D]`,
-        query hidden `[B, Q, D]` or None, extended cache, the valid mask used).
+        valid new events up to its anchor, and itself. Returns (event hidden `[B, T, D]` if
+        `hidden` else None, query hidden `[B, Q, D]` or None, extended cache, the valid mask used).
         """
         b, t, d = item_emb.shape
         if d != self.config.dim:
@@ -275,15 +301,20 @@ class SequenceEncoder(nn.Module):
             seen = torch.cat((torch.zeros(b, 1, dtype=torch.long, device=device), valid.long().cumsum(1)), 1)
             pos = torch.cat((pos, cache.next_pos[:, None] + seen[:, anchors + 1]), 1)
             x = torch.cat((x, self.query_token.to(x.dtype).expand(b, anchors.numel(), d)), 1)
+        cos, sin = rope_tables(pos, self.config.head_dim, self.config.rope_base, x.dtype)
+        cos, sin = cos[:, :, None, None], sin[:, :, None, None]
         layers = []
-        for block, (past_k, past_v) in zip(self.blocks, cache.layers, strict=True):
-            x, k, v = block(x, pos, past_k, past_v, mask)
+        last = len(self.blocks) - 1
+        for i, (block, (past_k, past_v)) in enumerate(zip(self.blocks, cache.layers, strict=True)):
+            x, k, v = block(x, cos, sin, past_k, past_v, mask, 0 if hidden or i < last else t)
             new_k, new_v = k[:, :, :t], v[:, :, :t]
-            layers.append((torch.cat((past_k.to(k.dtype), new_k), 2), torch.cat((past_v.to(v.dtype), new_v), 2)))
-        x = self.norm(x)
-        query_hidden = x[:, t:] if anchors is not None else None
-        next_pos = cache.next_pos + valid.long().sum(1)
-        return x[:, :t], query_hidden, KVCache(layers, torch.cat((cache.valid, valid), 1), next_pos), valid
+            if past_k.shape[2]:
+                new_k, new_v = torch.cat((past_k.to(k.dtype), new_k), 2), torch.cat((past_v.to(v.dtype), new_v), 2)
+            layers.append((new_k, new_v))
+        x = self.norm(x)  # events then queries if `hidden`, else queries only
+        events, query_hidden = (x[:, :t], x[:, t:]) if hidden else (None, x)
+        kv = KVCache(layers, torch.cat((cache.valid, valid), 1), cache.next_pos + valid.long().sum(1))
+        return events, query_hidden if anchors is not None else None, kv, valid
 
     @staticmethod
     def _mask(past_valid: Tensor, valid: Tensor, anchors: Tensor | None) -> Tensor:

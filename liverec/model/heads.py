@@ -7,14 +7,12 @@ side, which depends on the user's encoded state.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from liverec.model.config import ModelConfig
-from liverec.model.encoder import KVCache, rope
+from liverec.model.encoder import KVCache, rope, rope_tables
 
 
 class RetrievalHead(nn.Module):
@@ -79,25 +77,50 @@ class TargetAttentionHead(nn.Module):
         key_mask: Tensor,
         user_hidden: Tensor,
     ) -> Tensor:
-        """Score candidates `cand_rows [B, C, 2D]` (from `item_side`) for B users (or, in
-        training, B targets) -> logits `[B, C]`.
+        """Score candidates `cand_rows [B, C, 2D]` (from `item_side`) for B users -> logits `[B, C]`.
 
         query_pos `[B]`: where the candidates sit (the user's next position); k/v
         `[B, H, S, D/H]`: the last layer's K/V; key_mask `[B, S]`: slots that may be attended;
         user_hidden `[B, D]`: the query token's hidden state.
         """
         emb, q = cand_rows.split(self.dim, dim=-1)
-        q = rope(q.unflatten(-1, (self.heads, -1)), query_pos[:, None, None], self.rope_base)
-        k, v = k.to(q.dtype), v.to(q.dtype)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        logits = torch.einsum("bchd,bhsd->bchs", q, k) * scale
-        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        sink = torch.einsum("bchd,hd->bch", q, self.sink_k.to(q.dtype))[..., None] * scale
-        weights = torch.softmax(torch.cat((sink, logits), dim=-1), dim=-1)
-        attended = torch.einsum("bchs,bhsd->bchd", weights[..., 1:], v) + weights[..., :1] * self.sink_v.to(q.dtype)
-        attended = self.out(attended.flatten(-2))
-        user = user_hidden[:, None].expand_as(emb)
-        return self.mlp(torch.cat((emb, attended, emb * attended, user), dim=-1)).squeeze(-1)
+        attended = self.attend(q[:, None], query_pos[:, None], k, v, key_mask[:, None])[:, 0]
+        return self.mlp_logits(emb, attended, user_hidden)
+
+    def attend(self, q: Tensor, query_pos: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+        """Candidates' (unrotated) queries `q [B, Q, C, D]` at Q query positions per user
+        `query_pos [B, Q]`, each seeing `key_mask [B, Q, S]` of the user's K/V -> the heads'
+        outputs `[B, Q, C, D]`, before the output projection (`mlp_logits` applies it).
+
+        Training puts the Q targets of a row here, so they share the row's K/V instead of each
+        gathering a copy, and projects only the (row, slot) pairs that hold a target. The sink
+        is one more key/value, always visible, so a single fused attention call covers it.
+        """
+        b, nq, c, _ = q.shape
+        heads, s = self.heads, k.shape[2]
+        cos, sin = rope_tables(query_pos, self.dim // heads, self.rope_base, q.dtype)
+        q = rope(q.unflatten(-1, (heads, self.dim // heads)), cos[:, :, None, None], sin[:, :, None, None])
+        q = q.permute(0, 3, 1, 2, 4).flatten(2, 3)  # [B, H, Q*C, D/H]
+        keys = torch.cat((self.sink_k.to(q.dtype)[None, :, None].expand(b, -1, -1, -1), k.to(q.dtype)), 2)
+        values = torch.cat((self.sink_v.to(q.dtype)[None, :, None].expand(b, -1, -1, -1), v.to(q.dtype)), 2)
+        mask = torch.cat((key_mask.new_ones(b, nq, 1), key_mask.bool()), 2)
+        mask = mask[:, None, :, None].expand(b, 1, nq, c, s + 1).reshape(b, 1, nq * c, s + 1)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return a.unflatten(2, (nq, c)).permute(0, 2, 3, 1, 4).flatten(-2)
+
+    def mlp_logits(self, emb: Tensor, attended: Tensor, user_hidden: Tensor) -> Tensor:
+        """The MLP over [candidate, attended, candidate * attended, user]: `emb`, `attended`
+        `[..., C, D]` (from `attend`), `user_hidden [..., D]` -> logits `[..., C]`.
+
+        The first layer is split so the user's part is computed once per user, not once per
+        candidate (the same sum, without materialising the user copies).
+        """
+        attended = self.out(attended)
+        first, act, last = self.mlp
+        w_cand, w_user = first.weight.split((3 * self.dim, self.dim), dim=1)
+        h = F.linear(torch.cat((emb, attended, emb * attended), dim=-1), w_cand)
+        h = h + F.linear(user_hidden, w_user, first.bias)[..., None, :]
+        return last(act(h)).squeeze(-1)
 
     def score(self, cache: KVCache, user_hidden: Tensor, cand_rows: Tensor) -> Tensor:
         """Serving form: candidates `[B, C, 2D]` against each user's cache -> logits `[B, C]`."""

@@ -80,9 +80,11 @@ class SequentialRecommender(nn.Module):
         # lists targets in the same (row, slot) order as `mask`'s own True entries.
         slots = mask.any(0).nonzero().squeeze(1)
         picked = mask[:, slots]
-        out = self.encoder(batch.item_emb[:, :-1], batch.actions[:, :-1], hist_valid, batch.start_pos, slots)
+        out = self.encoder(
+            batch.item_emb[:, :-1], batch.actions[:, :-1], hist_valid, batch.start_pos, slots, hidden=False
+        )
         assert out.query_hidden is not None and out.query_pos is not None
-        user_hidden, query_pos = out.query_hidden[picked], out.query_pos[picked]
+        user_hidden = out.query_hidden[picked]
 
         targets = batch.item_emb[:, 1:][mask]
         pos_ids = batch.item_ids[:, 1:][mask]
@@ -99,21 +101,19 @@ class SequentialRecommender(nn.Module):
         )
 
         # Ranking: each target against the first K uniform negatives, the candidates attending
-        # over the history up to the target's slot.
-        user_idx, slot_idx = mask.nonzero(as_tuple=True)
+        # over the history up to the target's slot. Attention runs per (row, query slot), so
+        # targets share their row's K/V; the MLP runs on the picked targets only.
         num_neg = min(cfg.rank_negatives, batch.neg_emb.shape[0])
-        neg_rows = self.ranker.item_side(batch.neg_emb[:num_neg])
-        cands = torch.cat((self.ranker.item_side(targets)[:, None], neg_rows[None].expand(len(user_idx), -1, -1)), 1)
+        neg_emb = batch.neg_emb[:num_neg]
+        slot_q = self.ranker.q_proj(batch.item_emb[:, 1:][:, slots])  # [B, Q, D], targets where picked
+        rows, q = slot_q.shape[:2]
+        cand_q = torch.cat((slot_q[:, :, None], self.ranker.q_proj(neg_emb).expand(rows, q, -1, -1)), 2)
         history = torch.arange(hist_valid.shape[1], device=valid.device)
+        key_mask = hist_valid[:, None, :] & (history[None, None, :] <= slots[None, :, None])
         keys, values = out.kv.layers[-1]
-        logits = self.ranker(
-            cands,
-            query_pos,
-            keys[user_idx],
-            values[user_idx],
-            hist_valid[user_idx] & (history[None, :] <= slot_idx[:, None]),
-            user_hidden,
-        )
+        attended = self.ranker.attend(cand_q, out.query_pos, keys, values, key_mask)[picked]
+        cand_emb = torch.cat((targets[:, None], neg_emb.expand(len(targets), -1, -1)), 1)
+        logits = self.ranker.mlp_logits(cand_emb, attended, user_hidden)
         ranking = bce_ranking_loss(logits[:, 0], logits[:, 1:], batch.neg_ids[None, :num_neg] != pos_ids[:, None])
         return Losses(retrieval + cfg.rank_weight * ranking, retrieval, ranking)
 
@@ -125,7 +125,7 @@ class SequentialRecommender(nn.Module):
         self, item_emb: Tensor, actions: Tensor, valid: Tensor | None = None, start_pos: Tensor | None = None
     ) -> KVCache:
         """Encode histories `[B, L]` into a cache (one slot per input slot)."""
-        return self.encoder(item_emb, actions, valid, start_pos, queries=False).kv
+        return self.encoder(item_emb, actions, valid, start_pos, queries=False, hidden=False).kv
 
     def user_hidden(self, cache: KVCache) -> Tensor:
         """Query-token hidden state `[B, D]` over the cache; feeds both heads."""

@@ -44,6 +44,26 @@ def test_shapes(device: torch.device) -> None:
     assert some.query_pos.tolist() == [[3, 6]] * 3
 
 
+def test_without_event_hidden_states(device: torch.device) -> None:
+    """`hidden=False` (training, scoring) skips the events' last-layer outputs only: the same
+    queries and K/V as a full pass."""
+    enc = make_encoder(device)
+    items, actions = random_events(3, 9, device, torch.Generator().manual_seed(7))
+    valid = torch.ones(3, 9, dtype=torch.bool, device=device)
+    valid[0, :4] = False
+    anchors = torch.tensor([3, 6, 8], device=device)
+    full = enc(items, actions, valid, queries=anchors)
+    lean = enc(items, actions, valid, queries=anchors, hidden=False)
+    assert lean.hidden is None
+    torch.testing.assert_close(lean.query_hidden, full.query_hidden, **TOL)
+    for (k1, v1), (k2, v2) in zip(full.kv.layers, lean.kv.layers, strict=True):
+        torch.testing.assert_close(k2, k1, **TOL)
+        torch.testing.assert_close(v2, v1, **TOL)
+    kv_only = enc(items, actions, valid, queries=False, hidden=False)
+    assert kv_only.hidden is None and kv_only.query_hidden is None
+    torch.testing.assert_close(kv_only.kv.layers[-1][0], full.kv.layers[-1][0], **TOL)
+
+
 def test_causal(device: torch.device) -> None:
     """Changing event j changes nothing at earlier slots, and does change slot j onwards."""
     enc = make_encoder(device)
