@@ -13,8 +13,10 @@ total, every estimate satisfies
 
 (per key, over the choice of hash functions). The estimate never undercounts, so a key is never
 admitted late; it may be admitted early, by at most epsilon * N occurrences, with probability at
-most delta. The rows use splitmix64 with independent per-row seeds in place of a pairwise
-independent family; tests/embedding_store/test_admission.py checks the bound empirically.
+most delta. The proof assumes pairwise-independent row hashes; here row i uses h1 + i * h2 from
+one splitmix64 hash (double hashing), so tests/embedding_store/test_store_admission.py checks
+the bound empirically. Note N grows with the stream: the absolute slack epsilon * N does too, so
+size epsilon for the number of occurrences of not-yet-admitted keys the table will see.
 
 Counters saturate at 2**30 (far above any admission threshold) so they never overflow int32.
 A key's counts stay in the sketch after it is admitted: if its row later expires, it is
@@ -27,7 +29,7 @@ import math
 
 import torch
 
-from liverec.embedding_store.hashing import derive_seed, splitmix64
+from liverec.embedding_store.hashing import derive_seed, shift_right_logical, splitmix64
 
 COUNTER_CAP = 2**30
 
@@ -46,13 +48,9 @@ class CountMinSketch:
         self.depth = math.ceil(math.log(1.0 / delta))
         self.device = torch.device(device)
         self.counters = torch.zeros(self.depth * self.width, dtype=torch.int32, device=self.device)
-        self._row_seeds = torch.tensor(
-            [derive_seed(seed, "count-min", str(row)) for row in range(self.depth)],
-            dtype=torch.int64, device=self.device,
-        ).unsqueeze(1)
-        self._row_offsets = (
-            torch.arange(self.depth, dtype=torch.int64, device=self.device) * self.width
-        ).unsqueeze(1)
+        self._seed = derive_seed(seed, "count-min")
+        self._row_numbers = torch.arange(self.depth, dtype=torch.int64, device=self.device).unsqueeze(1)
+        self._row_offsets = self._row_numbers * self.width
         self.total = 0
 
     @property
@@ -60,23 +58,36 @@ class CountMinSketch:
         return self.counters.numel() * self.counters.element_size()
 
     def _cells(self, keys: torch.Tensor) -> torch.Tensor:
-        """(depth, n) flat counter indices: one cell per row for each key."""
-        return (splitmix64(keys.unsqueeze(0) ^ self._row_seeds) & (self.width - 1)) + self._row_offsets
+        """(depth, n) flat counter indices: cell (h1 + i * h2) mod width in row i, from one
+        splitmix64 hash per key (double hashing, Kirsch & Mitzenmacher: the same asymptotic
+        guarantees as independent hashes, at one hash per key instead of one per row)."""
+        h = splitmix64(keys ^ self._seed)
+        first = (h & (self.width - 1)).unsqueeze(0)
+        step = (shift_right_logical(h, 32) | 1).unsqueeze(0)
+        return ((first + self._row_numbers * step) & (self.width - 1)) + self._row_offsets
 
-    def add_and_estimate(self, keys: torch.Tensor) -> torch.Tensor:
-        """Count every occurrence in `keys` (duplicates count each time), then estimate each key."""
-        if keys.numel() > COUNTER_CAP:
-            raise ValueError(f"a batch of {keys.numel()} keys could overflow int32 counters")
+    def add_and_estimate(self, keys: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Add each key `counts` times (once each if None; duplicate keys add up), then return
+        each key's estimate. The caller that has already deduplicated passes the counts, which
+        touches depth cells per distinct key instead of per occurrence."""
+        added = keys.numel() if counts is None else int(counts.sum())
+        if added > COUNTER_CAP:
+            raise ValueError(f"adding {added} counts at once could overflow int32 counters")
         cells = self._cells(keys).flatten()
-        self.counters.index_add_(0, cells, torch.ones_like(cells, dtype=torch.int32))
-        counts = self.counters[cells].clamp_max_(COUNTER_CAP)
-        self.counters[cells] = counts
-        self.total += keys.numel()
-        return counts.view(self.depth, -1).amin(dim=0).long()
+        increments = (
+            torch.ones_like(cells, dtype=torch.int32) if counts is None
+            else counts.to(torch.int32).expand(self.depth, -1).flatten()
+        )
+        self.counters.index_add_(0, cells, increments)
+        estimates = self.counters.index_select(0, cells).clamp_max_(COUNTER_CAP)
+        self.counters.index_copy_(0, cells, estimates)  # a cell's duplicates all carry its one value
+        self.total += added
+        return estimates.view(self.depth, -1).amin(dim=0).long()
 
     def estimate(self, keys: torch.Tensor) -> torch.Tensor:
         """Estimated count of each key (never below its true count)."""
-        return self.counters[self._cells(keys)].amin(dim=0).long()
+        cells = self._cells(keys)
+        return self.counters.index_select(0, cells.flatten()).view(cells.shape).amin(dim=0).long()
 
     def load_state(self, counters: torch.Tensor, total: int) -> None:
         """Restore counters saved from a sketch of the same epsilon and delta."""

@@ -79,8 +79,11 @@ class StoreEmbedding(nn.Module):
             if not graded:
                 self.store.table(table).unpin()
                 continue
-            rows = torch.cat([lookup.rows for lookup in graded])
-            grads = torch.cat([lookup.embeddings.grad for lookup in graded])
+            if len(graded) == 1:  # the lookup's own rows tensor: the table reuses its deduplication
+                rows, grads = graded[0].rows, graded[0].embeddings.grad
+            else:
+                rows = torch.cat([lookup.rows for lookup in graded])
+                grads = torch.cat([lookup.embeddings.grad for lookup in graded])
             rejected += self.store.apply_gradients(table, rows, grads)
         return rejected
 

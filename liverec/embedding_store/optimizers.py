@@ -26,10 +26,15 @@ def state_columns(config: TableConfig) -> dict[str, int]:
     return {}
 
 
+def initial_value(config: TableConfig, name: str) -> float:
+    """What state `name` of a new row starts at (zero; Adagrad's accumulator at adagrad_init)."""
+    return config.adagrad_init if name == "accumulator" else 0.0
+
+
 def initial_state(config: TableConfig, name: str, rows: int, device: torch.device) -> torch.Tensor:
-    """Fresh state `name` for `rows` new rows (zeros; Adagrad's accumulator starts at adagrad_init)."""
-    fill = config.adagrad_init if name == "accumulator" else 0.0
-    return torch.full((rows, state_columns(config)[name]), fill, dtype=torch.float32, device=device)
+    """Fresh state `name` for `rows` new rows."""
+    return torch.full((rows, state_columns(config)[name]), initial_value(config, name), dtype=torch.float32,
+                      device=device)
 
 
 def update(

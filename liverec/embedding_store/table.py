@@ -29,7 +29,7 @@ from liverec.embedding_store import optimizers
 from liverec.embedding_store.admission import CountMinSketch
 from liverec.embedding_store.config import TableConfig
 from liverec.embedding_store.dirty import ChangeLog
-from liverec.embedding_store.hash_index import HashIndex
+from liverec.embedding_store.hash_index import HashIndex, check_keys
 from liverec.embedding_store.hashing import derive_seed
 from liverec.embedding_store.initializer import initial_rows
 from liverec.embedding_store.kernels import EMPTY_KEY
@@ -88,6 +88,16 @@ class TableDelta:
     version: int
 
 
+@dataclass(frozen=True)
+class _Dedup:
+    """The last train lookup's rows and how they came from its distinct keys:
+    rows == distinct_rows[inverse], distinct_rows unique except for -1 (unadmitted keys)."""
+
+    rows: torch.Tensor
+    distinct_rows: torch.Tensor
+    inverse: torch.Tensor
+
+
 class Table:
     """A collisionless embedding table on one device."""
 
@@ -103,7 +113,7 @@ class Table:
             if config.min_count > 1 else None
         )
         rows = config.initial_capacity
-        self.weights = torch.zeros(rows, config.dim, dtype=config.torch_dtype, device=device)
+        self.weights = torch.zeros(rows + 1, config.dim, dtype=config.torch_dtype, device=device)
         self.state = {name: optimizers.initial_state(config, name, rows, device) for name in optimizers.state_columns(config)}
         self.keys_by_row = torch.full((rows,), EMPTY_KEY, dtype=torch.int64, device=device)
         self.last_update = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -111,6 +121,7 @@ class Table:
         self.logs: dict[str, ChangeLog] = {}
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._pins: list[torch.Tensor] = []
+        self._dedup: _Dedup | None = None
 
     @property
     def row_capacity(self) -> int:
@@ -122,27 +133,40 @@ class Table:
     # ----------------------------------------------------------------- lookups
 
     def lookup(self, keys: torch.Tensor, *, train: bool, now_s: int | None) -> torch.Tensor:
-        """Row per key (-1: no row). In train mode, admit, insert, evict and touch (see module doc)."""
-        rows = self.index.find(keys)
+        """Row per key (-1: no row). In train mode, admit, insert, evict and touch (see module doc).
+
+        A train lookup deduplicates the batch once, up front: the index is probed, misses
+        counted, rows touched and (later) gradients summed per distinct key, and the per-key rows
+        are one gather from the distinct keys' rows."""
         if not train:
-            return rows
+            return self.index.find(keys)
         if now_s is None:
             raise ValueError("a train lookup needs now_s, the batch's event time in seconds")
-        missing = rows < 0
+        check_keys(keys, self.device)
+        distinct, inverse, occurrences = torch.unique(keys, return_inverse=True, return_counts=True)
+        distinct_rows = self.index.find(distinct)
+        missing = distinct_rows < 0
         if bool(missing.any()):
-            self._admit(keys, rows, missing, int(now_s))
-            self.counters["filtered"] += int((rows < 0).sum())
-        self._touch(rows, int(now_s))
-        self._pins.append(rows)
+            self._admit(distinct, occurrences, distinct_rows, missing, int(now_s))
+            absent = distinct_rows < 0
+            self.counters["filtered"] += int(occurrences[absent].sum())
+            present = ~absent
+            hit_rows, hit_occurrences = distinct_rows[present], occurrences[present]
+        else:
+            hit_rows, hit_occurrences = distinct_rows, occurrences
+        self._touch(hit_rows, hit_occurrences, int(now_s))
+        self._pins.append(hit_rows)
+        rows = distinct_rows.index_select(0, inverse)
+        self._dedup = _Dedup(rows, distinct_rows, inverse)
         return rows
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """Weights of `rows`; zeros where the row is -1 (an unadmitted key)."""
-        absent = rows < 0
-        weights = self.weights.index_select(0, rows.clamp(min=0))
-        if bool(absent.any()):
-            weights.masked_fill_(absent.unsqueeze(1), 0)
-        return weights
+        """Weights of `rows`; zeros where the row is -1 (an unadmitted key).
+
+        The weight tensor keeps one always-zero row past the last real row, so this is a single
+        gather with -1 redirected there, not a gather followed by a masking pass."""
+        zero_row = self.row_capacity
+        return self.weights.index_select(0, torch.where(rows < 0, zero_row, rows))
 
     def frequency(self, keys: torch.Tensor) -> torch.Tensor:
         """Train-lookup count per key: the row's count if admitted, else the sketch estimate."""
@@ -157,43 +181,47 @@ class Table:
         keys, rows = self.index.items()
         return keys, self.weights.index_select(0, rows)
 
-    def _admit(self, keys: torch.Tensor, rows: torch.Tensor, missing: torch.Tensor, now_s: int) -> None:
-        missed = keys[missing]
+    def _admit(self, distinct: torch.Tensor, occurrences: torch.Tensor, rows: torch.Tensor, missing: torch.Tensor,
+               now_s: int) -> None:
+        """Count the missed distinct keys, admit those that reached min_count (smallest keys first
+        if max_rows leaves too little room), and write their new rows into `rows`."""
+        missed = distinct[missing]
         if self.sketch is None:
-            candidates = torch.unique(missed)
+            eligible = torch.arange(missed.numel(), device=self.device)
         else:
-            ready = self.sketch.add_and_estimate(missed) >= self.config.min_count
-            candidates = torch.unique(missed[ready])
-        if candidates.numel() == 0:
+            estimates = self.sketch.add_and_estimate(missed, occurrences[missing])
+            eligible = torch.nonzero(estimates >= self.config.min_count).flatten()
+        if eligible.numel() == 0:
             return
-        candidates = candidates[: self._make_room(candidates.numel(), in_use=rows)]
-        if candidates.numel() == 0:
+        eligible = eligible[: self._make_room(eligible.numel(), in_use=rows)]
+        if eligible.numel() == 0:
             return
-        new_rows = self.index.insert(candidates)
+        new_keys = missed[eligible]
+        new_rows = self.index.insert(new_keys)
         self._ensure_row_capacity(self.index.high_water)
-        self._init_rows(candidates, new_rows, now_s)
-        self.counters["admitted"] += candidates.numel()
-        position = torch.searchsorted(candidates, missed).clamp_max_(candidates.numel() - 1)
-        admitted = candidates[position] == missed
-        rows[missing] = torch.where(admitted, new_rows[position], -1)
+        self._init_rows(new_keys, new_rows, now_s)
+        self.counters["admitted"] += new_keys.numel()
+        row_of_missed = torch.full_like(missed, -1)
+        row_of_missed[eligible] = new_rows
+        rows[missing] = row_of_missed
 
     def _init_rows(self, keys: torch.Tensor, rows: torch.Tensor, now_s: int) -> None:
-        self.weights[rows] = initial_rows(self.config, self.init_seed, keys)
+        self.weights.index_copy_(0, rows, initial_rows(self.config, self.init_seed, keys))
         for name, state in self.state.items():
-            state[rows] = optimizers.initial_state(self.config, name, rows.numel(), self.device)
-        self.keys_by_row[rows] = keys
-        self.last_update[rows] = now_s
-        self.counts[rows] = 0
+            state.index_fill_(0, rows, optimizers.initial_value(self.config, name))
+        self.keys_by_row.index_copy_(0, rows, keys)
+        self.last_update.index_fill_(0, rows, now_s)
+        self.counts.index_fill_(0, rows, 0)
         self._changed(rows)
 
-    def _touch(self, rows: torch.Tensor, now_s: int) -> None:
-        hit = rows[rows >= 0]
-        if hit.numel() == 0:
+    def _touch(self, rows: torch.Tensor, occurrences: torch.Tensor, now_s: int) -> None:
+        """Count (saturating) and time-stamp unique `rows`, seen `occurrences` times each."""
+        if rows.numel() == 0:
             return
-        self.counts.index_add_(0, hit, torch.ones_like(hit, dtype=torch.int32))
-        self.counts[hit] = self.counts[hit].clamp_max_(COUNT_CAP)
-        self.last_update[hit] = self.last_update[hit].clamp_min_(now_s)
-        self._changed(hit)
+        counts = (self.counts.index_select(0, rows) + occurrences).clamp_max_(COUNT_CAP)
+        self.counts.index_copy_(0, rows, counts.to(torch.int32))
+        self.last_update.index_copy_(0, rows, self.last_update.index_select(0, rows).clamp_min_(now_s))
+        self._changed(rows)
 
     # ----------------------------------------------------------------- updates
 
@@ -201,21 +229,31 @@ class Table:
         """One optimizer step on the rows of a train lookup; duplicate rows' gradients summed first.
 
         Rows of -1 (unadmitted keys) are skipped. A row whose summed gradient is not finite is
-        rejected: left untouched and counted. Returns the number of rejected rows. Unpins the table.
+        rejected: left untouched and counted. (The test is on the row's sum of components: NaN
+        and inf propagate into it, and one reduction is much cheaper than an element-wise check;
+        a finite gradient whose components sum beyond float32 range is rejected too.) Returns the
+        number of rejected rows. Unpins the table. When `rows` is the very tensor the last train
+        lookup returned, its deduplication is reused.
         """
         self._check_grads(rows, grads)
         self._pins.clear()
-        present = rows >= 0
-        unique_rows, inverse = torch.unique(rows[present], return_inverse=True)
-        summed = torch.zeros(unique_rows.numel(), self.config.dim, dtype=torch.float32, device=self.device)
-        summed.index_add_(0, inverse, grads[present].float())
-        finite = torch.isfinite(summed).all(dim=1)
-        rejected = int((~finite).sum())
-        if rejected:
-            self.counters["rejected_gradients"] += rejected
-            unique_rows, summed = unique_rows[finite], summed[finite]
-        optimizers.update(self.config, self.weights, self.state, unique_rows, summed)
-        self._changed(unique_rows)
+        dedup = self._dedup if self._dedup is not None and self._dedup.rows is rows else None
+        self._dedup = None
+        if dedup is None:
+            distinct_rows, inverse = torch.unique(rows, return_inverse=True)
+        else:
+            distinct_rows, inverse = _sorted(dedup.distinct_rows, dedup.inverse)
+        summed = torch.zeros(distinct_rows.numel(), self.config.dim, dtype=torch.float32, device=self.device)
+        summed.scatter_add_(0, inverse.unsqueeze(1).expand(-1, self.config.dim), grads.float())
+        present = distinct_rows >= 0
+        finite = torch.isfinite(summed.sum(dim=1))
+        rejected = int((present & ~finite).sum())
+        self.counters["rejected_gradients"] += rejected
+        keep = present & finite
+        if not bool(keep.all()):
+            distinct_rows, summed = distinct_rows[keep], summed[keep]
+        optimizers.update(self.config, self.weights, self.state, distinct_rows, summed)
+        self._changed(distinct_rows)
         return rejected
 
     def _check_grads(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
@@ -273,7 +311,7 @@ class Table:
     def _unpinned_live_mask(self) -> torch.Tensor:
         live = self.keys_by_row[: self.index.high_water] != EMPTY_KEY
         for rows in self._pins:
-            live[rows[rows >= 0]] = False
+            live[rows] = False
         return live
 
     def _remove(self, rows: torch.Tensor, reason: str) -> None:
@@ -315,7 +353,8 @@ class Table:
     def columns(self) -> dict[str, torch.Tensor]:
         """Every per-row tensor a checkpoint carries besides the key, by name."""
         state = {f"state.{name}": tensor for name, tensor in self.state.items()}
-        return {"weights": self.weights, **state, "last_update": self.last_update, "counts": self.counts}
+        weights = self.weights[: self.row_capacity]
+        return {"weights": weights, **state, "last_update": self.last_update, "counts": self.counts}
 
     def live_rows(self) -> torch.Tensor:
         """Rows holding a key, ascending."""
@@ -348,17 +387,20 @@ class Table:
     # ----------------------------------------------------------------- storage
 
     def _ensure_row_capacity(self, rows: int) -> None:
-        """Grow every per-row tensor (doubling) so rows [0, rows) exist; contents kept."""
+        """Grow every per-row tensor (doubling) so rows [0, rows) exist; contents kept.
+
+        New rows are left uninitialised (`_init_rows` writes all of a row before it is used)
+        except what free rows must hold: an EMPTY key, and the weights' trailing zero row."""
         if rows <= self.row_capacity:
             return
-        capacity = max(rows, 2 * self.row_capacity)
-        extra = capacity - self.row_capacity
-        self.weights = torch.cat([self.weights, self.weights.new_zeros(extra, self.config.dim)])
-        for name, state in self.state.items():
-            self.state[name] = torch.cat([state, optimizers.initial_state(self.config, name, extra, self.device)])
-        self.keys_by_row = torch.cat([self.keys_by_row, self.keys_by_row.new_full((extra,), EMPTY_KEY)])
-        self.last_update = torch.cat([self.last_update, self.last_update.new_zeros(extra)])
-        self.counts = torch.cat([self.counts, self.counts.new_zeros(extra)])
+        old, capacity = self.row_capacity, max(rows, 2 * self.row_capacity)
+        self.weights = _grown(self.weights[:old], capacity + 1)
+        self.weights[capacity].zero_()
+        self.state = {name: _grown(state, capacity) for name, state in self.state.items()}
+        self.keys_by_row = _grown(self.keys_by_row, capacity)
+        self.keys_by_row[old:] = EMPTY_KEY
+        self.last_update = _grown(self.last_update, capacity)
+        self.counts = _grown(self.counts, capacity)
         for log in self.logs.values():
             log.grow(capacity)
 
@@ -377,3 +419,19 @@ class Table:
             bytes_metadata=metadata,
             bytes_sketch=0 if self.sketch is None else self.sketch.nbytes,
         )
+
+
+def _grown(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` copied into the first rows of a new uninitialised tensor of `rows` rows."""
+    grown = tensor.new_empty((rows, *tensor.shape[1:]))
+    grown[: tensor.shape[0]] = tensor
+    return grown
+
+
+def _sorted(distinct_rows: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same deduplication with distinct_rows ascending: the optimizer's gathers and scatters
+    over the weights then walk memory in order, which on a CPU is worth far more than the sort."""
+    order = torch.argsort(distinct_rows)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return distinct_rows.index_select(0, order), rank.index_select(0, inverse)

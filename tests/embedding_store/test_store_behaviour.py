@@ -267,7 +267,7 @@ def test_stats_account_for_every_byte() -> None:
     stats = store.stats()["t"]
     table = store.table("t")
     assert stats.rows == 100 and stats.row_capacity == table.row_capacity >= 100
-    assert stats.bytes_weights == stats.row_capacity * 8 * 4
+    assert stats.bytes_weights == (stats.row_capacity + 1) * 8 * 4  # + the shared zero row
     assert stats.bytes_optimizer == stats.row_capacity * 8 * 4
     assert stats.bytes_index == stats.capacity * 16
     assert stats.bytes_metadata == stats.row_capacity * (8 + 8 + 4)

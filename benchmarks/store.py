@@ -1,0 +1,399 @@
+"""`liverec bench store`: the embedding store against torchrec's MCH module and a Python dict.
+
+One zipf-distributed stream of 64-bit keys (batch 65,536, dim 64) drives three systems:
+
+- liverec: EmbeddingStore (numba kernels on CPU), Adagrad, min_count 2, TTL with periodic expiry;
+- torchrec: MCHManagedCollisionModule with its LFU eviction policy, profile + remap every step
+  (eviction_interval 1), and zch_size large enough for every distinct key of the stream;
+- dict: a Python dict key -> row with an exact admission counter, the same expiry.
+
+All three share the embedding side: the same dense weight rows and the same sparse Adagrad step
+(duplicate gradients summed, `liverec.embedding_store.optimizers.update`), so the comparison is
+of what differs — finding, admitting and retiring keys. Measured:
+
+- eval: lookup of existing keys only, as key -> row ("index") and key -> embedding ("embed");
+- train, full: admit + insert + lookup + gather + sparse update (a fixed gradient stands in for
+  the backward pass) + expiry every 10 batches, over the whole stream from an empty table;
+- train, index side: the same without gather and update (MCH: profile + remap + evict), which is
+  where the systems differ and what MCH's own train figure measures;
+- bytes per row beyond weights and optimizer state (liverec), split into per-row metadata and
+  the hash index;
+- checkpoint: incremental (1% of rows dirty) against full, on a 10M-row table (1M with --quick).
+
+The machine's load average is recorded: on a shared 2-core box, other processes move the
+numbers, and parallel (OpenMP) kernels suffer most from oversubscription.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from liverec.embedding_store import EmbeddingStore, TableConfig, checkpoint, optimizers
+from liverec.embedding_store.hashing import splitmix64
+
+BATCH = 65_536
+DIM = 64
+MIN_COUNT = 2
+TTL_S = 30
+EXPIRE_EVERY = 10
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"eval_vs_mch": 5.0, "train_vs_mch": 20.0, "overhead_bytes_per_row": 24.0, "incremental_vs_full": 0.05}
+
+
+@dataclass(frozen=True)
+class Plan:
+    batches: int
+    universe: int
+    exponent: float
+    checkpoint_rows: int
+    eval_repeats: int
+
+
+FULL = Plan(batches=64, universe=3_000_000, exponent=0.9, checkpoint_rows=10_000_000, eval_repeats=3)
+QUICK = Plan(batches=20, universe=3_000_000, exponent=0.9, checkpoint_rows=1_000_000, eval_repeats=2)
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+def make_stream(plan: Plan, seed: int = 0) -> list[torch.Tensor]:
+    """Batches of zipf(exponent) ranks over `universe`, scattered to 64-bit keys by splitmix64."""
+    ranks = np.arange(1, plan.universe + 1, dtype=np.float64)
+    cdf = np.cumsum(ranks**-plan.exponent)
+    cdf /= cdf[-1]
+    rng = np.random.default_rng(seed)
+    samples = np.searchsorted(cdf, rng.random(plan.batches * BATCH)).astype(np.int64)
+    keys = splitmix64(torch.from_numpy(samples) ^ 0x5EED)
+    return list(keys.split(BATCH))
+
+
+# --------------------------------------------------------------------------- shared embedding side
+
+
+class DenseRows:
+    """Weights and Adagrad state by row, updated exactly as the store updates its rows."""
+
+    def __init__(self, rows: int) -> None:
+        self.config = TableConfig("dense", DIM, optimizer="adagrad", initial_capacity=rows)
+        self.weights = torch.randn(rows, DIM) * 0.01
+        self.state = {"accumulator": torch.zeros(rows, DIM)}
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.weights.index_select(0, rows.clamp(min=0))
+
+    def update(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
+        present = rows >= 0
+        unique, inverse = torch.unique(rows[present], return_inverse=True)
+        summed = torch.zeros(unique.numel(), DIM).index_add_(0, inverse, grads[present])
+        optimizers.update(self.config, self.weights, self.state, unique, summed)
+
+    def reset(self, rows: torch.Tensor) -> None:
+        self.weights[rows] = 0.0
+        self.state["accumulator"][rows] = 0.0
+
+
+# --------------------------------------------------------------------------- systems
+
+
+class LiverecSystem:
+    name = "liverec"
+
+    def __init__(self) -> None:
+        config = TableConfig("item", DIM, min_count=MIN_COUNT, ttl_s=TTL_S, optimizer="adagrad")
+        self.store = EmbeddingStore([config], seed=0)
+
+    def train_step(self, keys: torch.Tensor, grads: torch.Tensor | None, now: int) -> None:
+        rows = self.store.lookup("item", keys, train=True, now_s=now)
+        if grads is None:
+            self.store.unpin()
+        else:
+            self.store.gather("item", rows)
+            self.store.apply_gradients("item", rows, grads)
+        if now % EXPIRE_EVERY == 0:
+            self.store.expire(now)
+
+    def index(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.store.lookup("item", keys)
+
+    def embed(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.store.embed("item", keys)
+
+
+class MchSystem:
+    name = "torchrec_mch"
+
+    def __init__(self, zch_size: int) -> None:
+        from torchrec.modules.mc_modules import LFU_EvictionPolicy, MCHManagedCollisionModule
+
+        self.module = MCHManagedCollisionModule(
+            zch_size=zch_size, device=torch.device("cpu"), eviction_policy=LFU_EvictionPolicy(),
+            eviction_interval=1, input_hash_size=2**63 - 1,
+        )
+        self.rows = DenseRows(zch_size)
+
+    def _remap(self, keys: torch.Tensor) -> torch.Tensor:
+        from torchrec.sparse.jagged_tensor import JaggedTensor
+
+        features = {"item": JaggedTensor(values=keys, lengths=torch.ones(keys.numel(), dtype=torch.int64))}
+        return self.module(features)["item"].values()
+
+    def train_step(self, keys: torch.Tensor, grads: torch.Tensor | None, now: int) -> None:
+        self.module.train()
+        rows = self._remap(keys)
+        evicted = self.module.evict()
+        if evicted is not None and evicted.numel():
+            self.rows.reset(evicted)
+        if grads is not None:
+            self.rows.gather(rows)
+            self.rows.update(rows, grads)
+
+    def index(self, keys: torch.Tensor) -> torch.Tensor:
+        self.module.eval()
+        return self._remap(keys)
+
+    def embed(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.rows.gather(self.index(keys))
+
+
+class DictSystem:
+    name = "python_dict"
+
+    def __init__(self, capacity: int) -> None:
+        self.rows: dict[int, int] = {}
+        self.seen: dict[int, int] = {}
+        self.keys_by_row: list[int] = []
+        self.free: list[int] = []
+        self.last_update = torch.zeros(capacity, dtype=torch.int64)
+        self.dense = DenseRows(capacity)
+
+    def _admit(self, keys: list[int], found: list[int], now: int) -> None:
+        missed = [k for k, row in zip(keys, found) if row < 0]
+        for key in missed:
+            self.seen[key] = self.seen.get(key, 0) + 1
+        for key in sorted({k for k in missed if self.seen[k] >= MIN_COUNT}):
+            row = self.free.pop() if self.free else len(self.keys_by_row)
+            if row == len(self.keys_by_row):
+                self.keys_by_row.append(key)
+            else:
+                self.keys_by_row[row] = key
+            self.rows[key] = row
+            self.last_update[row] = now
+
+    def train_step(self, keys: torch.Tensor, grads: torch.Tensor | None, now: int) -> None:
+        key_list = keys.tolist()
+        get = self.rows.get
+        found = [get(k, -1) for k in key_list]
+        if min(found) < 0:
+            self._admit(key_list, found, now)
+            found = [get(k, -1) for k in key_list]
+        rows = torch.tensor(found, dtype=torch.int64)
+        self.last_update[rows[rows >= 0]] = now
+        if grads is not None:
+            self.dense.gather(rows)
+            self.dense.update(rows, grads)
+        if now % EXPIRE_EVERY == 0:
+            self._expire(now)
+
+    def _expire(self, now: int) -> None:
+        live = torch.tensor([row for row in self.rows.values()], dtype=torch.int64)
+        stale = live[self.last_update[live] < now - TTL_S].tolist()
+        for row in stale:
+            del self.rows[self.keys_by_row[row]]
+        self.free.extend(stale)
+
+    def index(self, keys: torch.Tensor) -> torch.Tensor:
+        get = self.rows.get
+        return torch.tensor([get(k, -1) for k in keys.tolist()], dtype=torch.int64)
+
+    def embed(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.dense.gather(self.index(keys))
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def time_train(system: Any, stream: list[torch.Tensor], grads: torch.Tensor | None) -> float:
+    """M keys/s of the train path over the whole stream, from an empty table; grads None times
+    the index side only (admit, insert, lookup, touch, expiry: no gather, no update)."""
+    start = time.perf_counter()
+    for now, keys in enumerate(stream, start=1):
+        system.train_step(keys, grads, now)
+    return sum(k.numel() for k in stream) / (time.perf_counter() - start) / 1e6
+
+
+def time_eval(system: Any, batches: list[torch.Tensor], repeats: int) -> dict[str, float]:
+    """M keys/s of key -> row and key -> embedding lookups (best of `repeats` passes)."""
+    keys = sum(b.numel() for b in batches)
+    result = {}
+    for kind in ("index", "embed"):
+        lookup = getattr(system, kind)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for batch in batches:
+                lookup(batch)
+            best = min(best, time.perf_counter() - start)
+        result[kind] = keys / best / 1e6
+    return result
+
+
+def existing_key_batches(systems: list[Any], stream: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """`count` full batches of stream keys that hold a row in every system, in stream order."""
+    pool = torch.cat(stream[-count:])
+    for system in systems:
+        pool = pool[system.index(pool) >= 0]
+    return list(pool.split(BATCH))[: max(pool.numel() // BATCH, 1)]
+
+
+def checkpoint_cost(rows: int, directory: Path) -> dict[str, Any]:
+    """Seconds and bytes of a full checkpoint, then of an incremental one with 1% of rows dirty."""
+    config = TableConfig("item", DIM, optimizer="sgd", initial_capacity=rows)
+    store = EmbeddingStore([config], seed=0)
+    keys = splitmix64(torch.arange(rows, dtype=torch.int64))
+    for chunk in keys.split(1 << 20):
+        store.lookup("item", chunk, train=True, now_s=0)
+        store.unpin()
+    start = time.perf_counter()
+    full = checkpoint.save(store, directory)
+    full_s = time.perf_counter() - start
+    dirty = keys[torch.randperm(rows, generator=torch.Generator().manual_seed(0))[: rows // 100]]
+    found = store.lookup("item", dirty, train=True, now_s=1)
+    store.apply_gradients("item", found, torch.full((dirty.numel(), DIM), 0.1))
+    start = time.perf_counter()
+    incremental = checkpoint.save(store, directory, incremental=True)
+    incremental_s = time.perf_counter() - start
+    full_bytes = sum(p.stat().st_size for p in full.iterdir())
+    incremental_bytes = sum(p.stat().st_size for p in incremental.iterdir())
+    return {
+        "rows": rows, "dim": DIM, "optimizer": "sgd", "dirty_fraction": 0.01,
+        "full_s": full_s, "incremental_s": incremental_s, "time_ratio": incremental_s / full_s,
+        "full_bytes": full_bytes, "incremental_bytes": incremental_bytes,
+        "bytes_ratio": incremental_bytes / full_bytes,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def run(plan: Plan, quick: bool, log: Any) -> dict[str, Any]:
+    load_start = os.getloadavg()
+    print(f"stream: {plan.batches} batches of {BATCH} zipf({plan.exponent}) keys over {plan.universe} ranks", file=log)
+    stream = make_stream(plan)
+    all_keys = torch.cat(stream)
+    distinct = int(torch.unique(all_keys).numel())
+    grads = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(1)) * 0.01
+    time_train(LiverecSystem(), stream, grads)  # untimed: load compiled kernels, warm the allocator
+    factories = [LiverecSystem, lambda: MchSystem(distinct + 1), lambda: DictSystem(distinct + 1)]
+    throughput: dict[str, dict[str, float]] = {}
+    for factory in factories:
+        index_only = factory()
+        print(f"train (index side): {index_only.name} ...", file=log)
+        throughput[index_only.name] = {"train_index": time_train(index_only, stream, None)}
+    systems = [factory() for factory in factories]
+    for system in systems:
+        print(f"train: {system.name} ...", file=log)
+        throughput[system.name]["train"] = time_train(system, stream, grads)
+    eval_batches = existing_key_batches(systems, stream, count=min(12, plan.batches))
+    for system in systems:
+        print(f"eval: {system.name} ...", file=log)
+        throughput[system.name].update(time_eval(system, eval_batches, plan.eval_repeats))
+    stats = systems[0].store.stats()["item"]
+    with tempfile.TemporaryDirectory(prefix="liverec-bench-store-") as directory:
+        print(f"checkpoint: {plan.checkpoint_rows} rows ...", file=log)
+        ckpt = checkpoint_cost(plan.checkpoint_rows, Path(directory))
+    ours, mch, baseline = throughput["liverec"], throughput["torchrec_mch"], throughput["python_dict"]
+    index_bytes = stats.bytes_index / max(stats.rows, 1)
+    return {
+        "benchmark": "store",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "quick": quick,
+        "stream": {"batches": plan.batches, "batch": BATCH, "keys": all_keys.numel(), "distinct_keys": distinct,
+                   "zipf_exponent": plan.exponent, "universe": plan.universe, "dim": DIM},
+        "throughput_mkeys_s": throughput,
+        "ratios": {
+            "eval_index_vs_mch": ours["index"] / mch["index"], "eval_embed_vs_mch": ours["embed"] / mch["embed"],
+            "train_vs_mch": ours["train"] / mch["train"], "train_index_vs_mch": ours["train_index"] / mch["train_index"],
+            "eval_index_vs_dict": ours["index"] / baseline["index"], "train_vs_dict": ours["train"] / baseline["train"],
+        },
+        "bytes_per_row": {
+            "rows": stats.rows, "index_load": stats.load,
+            "metadata": stats.metadata_bytes_per_row, "index": index_bytes,
+            "sketch_amortised": stats.bytes_sketch / max(stats.rows, 1),
+            "overhead_total": stats.overhead_bytes_per_row,
+            "weights_and_optimizer": (stats.bytes_weights + stats.bytes_optimizer) / max(stats.rows, 1),
+        },
+        "checkpoint": {**ckpt, "note": "1M-row table (--quick); the full run uses 10M rows" if quick else "10M-row table"},
+        "targets": TARGETS,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    t, r, b, c = result["throughput_mkeys_s"], result["ratios"], result["bytes_per_row"], result["checkpoint"]
+    s = result["stream"]
+    lines = [
+        f"store benchmark  {result['date']}  {result['machine']['node']} ({result['machine']['cpus']} CPUs, "
+        f"load {result['machine']['loadavg_start'][0]:.1f}->{result['machine']['loadavg_end'][0]:.1f})  "
+        f"torch {result['versions']['torch']}{'  [quick]' if result['quick'] else ''}",
+        f"stream: {s['keys']:,} keys, {s['distinct_keys']:,} distinct, zipf {s['zipf_exponent']}, batch {s['batch']:,}, dim {s['dim']}",
+        "",
+        f"{'M keys/s':<14}{'eval index':>12}{'eval embed':>12}{'train index':>13}{'train full':>12}",
+    ]
+    for name, values in t.items():
+        lines.append(f"{name:<14}{values['index']:>12.1f}{values['embed']:>12.1f}{values['train_index']:>13.2f}"
+                     f"{values['train']:>12.2f}")
+    lines += [
+        f"{'liverec / MCH':<14}{r['eval_index_vs_mch']:>11.1f}x{r['eval_embed_vs_mch']:>11.1f}x"
+        f"{r['train_index_vs_mch']:>12.1f}x{r['train_vs_mch']:>11.1f}x"
+        f"   (targets: eval >= {TARGETS['eval_vs_mch']:.0f}x, train >= {TARGETS['train_vs_mch']:.0f}x)",
+        f"{'liverec / dict':<14}{r['eval_index_vs_dict']:>11.1f}x{'':>12}{'':>13}{r['train_vs_dict']:>11.1f}x",
+        "train index = admit + insert + lookup + touch + expiry (MCH: profile + remap + evict);",
+        "train full = that + embedding gather + sparse Adagrad step (the same update code for all three)",
+        "",
+        f"bytes/row beyond weights+optimizer ({b['rows']:,} rows, index load {b['index_load']:.2f}): "
+        f"metadata {b['metadata']:.1f} + index {b['index']:.1f} + sketch {b['sketch_amortised']:.1f} = "
+        f"{b['overhead_total']:.1f}  (target <= {TARGETS['overhead_bytes_per_row']:.0f})",
+        f"checkpoint ({c['note']}, 1% dirty): full {c['full_s']:.2f} s / {c['full_bytes'] / 1e6:,.0f} MB, "
+        f"incremental {c['incremental_s']:.3f} s / {c['incremental_bytes'] / 1e6:,.1f} MB  -> "
+        f"{100 * c['time_ratio']:.1f}% of full time, {100 * c['bytes_ratio']:.1f}% of bytes "
+        f"(target <= {100 * TARGETS['incremental_vs_full']:.0f}%)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="liverec bench store", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run (fewer batches, 1M-row checkpoint table)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="where to write the results (default benchmarks/results/store.json, store-quick.json with --quick)")
+    args = parser.parse_args(argv)
+    log = sys.stderr if args.json else sys.stdout
+    result = run(QUICK if args.quick else FULL, args.quick, log)
+    output = args.output or RESULTS / ("store-quick.json" if args.quick else "store.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result), file=log)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
