@@ -163,17 +163,27 @@ class TrainerWorker:
                 self.consumer.seek_to_beginning(tp)
         self.dlq = DeadLetterQueue(make_producer(config.kafka), config.topics.dlq, self.metrics)
 
-    def _update_lag(self, force: bool = False) -> dict[int, int]:
-        now = time.monotonic()
-        if not force and now - self._last_lag_time < _LAG_EVERY_S:
-            return {}
-        self._last_lag_time = now
+    def _log_ends(self) -> dict[int, int] | None:
+        """Each partition's log end offset, from the high watermark of the latest fetch responses.
+
+        Not ListOffsets: the local Tansu broker answers ListOffsets(latest) with the base offset of
+        a partition's last record batch, while its fetch responses carry the true high watermark
+        (as every Kafka broker's do). None until every partition has answered a fetch.
+        """
         topic = self.config.topics.events
-        ends = self.consumer.end_offsets([TopicPartition(topic, p) for p in self.partitions])
-        lag = {tp.partition: max(0, end - self.offsets.get(tp.partition, 0)) for tp, end in ends.items()}
-        for p, value in lag.items():
-            self.metrics.lag.labels(partition=str(p)).set(value)
-        return lag
+        marks = {p: self.consumer.highwater(TopicPartition(topic, p)) for p in self.partitions}
+        if any(mark is None for mark in marks.values()):
+            return None
+        return marks  # type: ignore[return-value]
+
+    def _update_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag_time < _LAG_EVERY_S:
+            return
+        self._last_lag_time = now
+        ends = self._log_ends() or {}
+        for p, end in ends.items():
+            self.metrics.lag.labels(partition=str(p)).set(max(0, end - self.offsets.get(p, 0)))
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -238,12 +248,13 @@ class TrainerWorker:
         """Up to `batch_events` records per partition, but only once every partition has them
         (or is at the end offset of the snapshot `ends`); empty while waiting."""
         size = self.config.trainer.batch_events
-        if not ends or all(self.offsets.get(p, 0) >= ends.get(p, 0) for p in self.partitions):
-            topic = self.config.topics.events
-            snapshot = self.consumer.end_offsets([TopicPartition(topic, p) for p in self.partitions])
+        if not ends or all(self.offsets.get(p, 0) >= ends[p] for p in self.partitions):
+            snapshot = self._log_ends()
+            if snapshot is None:
+                return []
             ends.clear()
-            ends.update({tp.partition: off for tp, off in snapshot.items()})
-        need = {p: min(size, ends[p] - self.offsets.get(p, 0)) for p in self.partitions}
+            ends.update(snapshot)
+        need = {p: max(0, min(size, ends[p] - self.offsets.get(p, 0))) for p in self.partitions}
         if sum(need.values()) == 0 or any(len(buffers[p]) < n for p, n in need.items()):
             return []
         batch: list[Any] = []

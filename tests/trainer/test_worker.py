@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
 
@@ -59,19 +60,28 @@ def train_cmd(state_dir: Path, *extra: str) -> list[str]:
 
 
 def run_with_kills(cli_env: dict[str, str], state_dir: Path, seed: int, *extra: str) -> dict:
-    """kill -9 the trainer at KILLS random moments, restarting it each time, then let it finish."""
+    """kill -9 the trainer at KILLS random moments, restarting it each time, then let it finish.
+
+    Each kill waits until the trainer has checkpointed past a random event count (read from its
+    JSON log on stderr), then lands a random fraction of a second later: mid-batch, between
+    checkpoints, whatever the machine's speed.
+    """
     env = {**cli_env, **SMALL_MODEL}
     rng = random.Random(seed)
-    kills_landed = 0
-    for _ in range(KILLS):
-        proc = subprocess.Popen(train_cmd(state_dir, *extra), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 7.0))
-        if proc.poll() is None:
+    thresholds = sorted(rng.sample(range(200, RECOVERY_EVENTS - 300), KILLS))
+    for threshold in thresholds:
+        proc = subprocess.Popen(train_cmd(state_dir, *extra), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            for line in proc.stderr:
+                if '"msg": "checkpoint"' in line and json.loads(line)["applied"] >= threshold:
+                    break
+            time.sleep(rng.uniform(0.0, 0.4))
+            assert proc.poll() is None, "the trainer exited on its own before the kill"
             proc.send_signal(signal.SIGKILL)
-            kills_landed += 1
-        proc.wait()
-    assert kills_landed == KILLS, "the trainer finished before every kill landed; raise RECOVERY_EVENTS"
+        finally:
+            proc.kill()
+            proc.wait()
     done = subprocess.run(train_cmd(state_dir, "--idle-exit", "4", *extra), env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -101,20 +111,35 @@ def test_default_mode_applies_every_event_exactly_once_across_kills(config, cli_
     summary = run_with_kills(cli_env, tmp_path / "state", 2)
     assert summary["applied"] == RECOVERY_EVENTS and summary["consumed"] == RECOVERY_EVENTS
     assert summary["dead_lettered"] == {}
-    consumer = make_consumer(config.kafka, group_id=None)
-    try:
-        from kafka import TopicPartition
+    # The checkpointed offsets are exactly the log ends: every event consumed once, none twice.
+    assert {int(p): o for p, o in summary["offsets"].items()} == log_ends(config)
+    # Each user's stored history is the last max_len (10) of exactly the events produced for them.
+    table, _ = rebase_times(load_dataset(str(ml100k)).table)
+    users, counts = np.unique(table.user_id[:RECOVERY_EVENTS], return_counts=True)
+    restored = TrainerWorker(small(config, tmp_path / "state"))
+    stored = {user: len(h) for user, h in restored.history.items()}
+    assert stored == {int(u): int(min(c, 10)) for u, c in zip(users, counts)}
 
-        tps = [TopicPartition(config.topics.events, p) for p in range(config.topics.partitions)]
-        ends = consumer.end_offsets(tps)
+
+def log_ends(config: LiverecConfig) -> dict[int, int]:
+    """Per partition, one past the last offset, read from the log itself (Tansu's ListOffsets
+    reports the base offset of the last record batch instead, see TrainerWorker._log_ends)."""
+    from kafka import TopicPartition
+
+    consumer = make_consumer(config.kafka, group_id=None)
+    tps = [TopicPartition(config.topics.events, p) for p in range(config.topics.partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    ends = {tp.partition: 0 for tp in tps}
+    idle_since = time.monotonic()
+    try:
+        while time.monotonic() - idle_since < 2:
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                ends[tp.partition] = records[-1].offset + 1
+                idle_since = time.monotonic()
     finally:
         consumer.close()
-    # The checkpointed offsets are exactly the log ends: every event consumed once, none twice.
-    assert {int(p): o for p, o in summary["offsets"].items()} == {tp.partition: ends[tp] for tp in tps}
-    restored = TrainerWorker(small(config, tmp_path / "state"))
-    assert restored.history.num_users() > 0
-    assert sum(len(h) for _, h in restored.history.items()) == min(
-        RECOVERY_EVENTS, sum(min(len(h), 10) for _, h in restored.history.items()))
+    return ends
 
 
 def bad_records() -> dict[str, list[bytes]]:
