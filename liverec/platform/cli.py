@@ -20,7 +20,7 @@ from liverec.platform.config import ConfigError, LiverecConfig, load_config
 
 log = logging.getLogger("liverec")
 
-BENCHMARKS = ("ingest", "store", "store_gpu")
+BENCHMARKS = ("ingest", "store", "store_gpu", "train", "model_step", "state")
 
 
 def _config(args: argparse.Namespace) -> LiverecConfig:

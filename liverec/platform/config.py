@@ -146,7 +146,7 @@ class TrainerConfig:
         _require(self.item_lr > 0, "trainer.item_lr", "must be > 0")
         _require(self.checkpoint_every_s > 0, "trainer.checkpoint_every_s", "must be > 0")
         _require(self.item_ttl_s is None or self.item_ttl_s > 0, "trainer.item_ttl_s", "must be > 0 or null")
-        _require(0 <= self.metrics_port < 65536, "trainer.metrics_port", "must be a port number (0 = any free)")
+        _require(-1 <= self.metrics_port < 65536, "trainer.metrics_port", "must be a port (0: any free, -1: no endpoint)")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ directly over a dataset for the "one streaming pass" model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -49,6 +50,19 @@ class ItemTable(Protocol):
         """(keys `[M]`, weights `[M, D]` (no grad), counts `[M]`) of every item with a row."""
 
 
+class StageClock:
+    """Wall time per named stage of a step (laps add up), for the stage-share benchmark and metrics."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
 @dataclass(frozen=True)
 class StepResult:
     events: int
@@ -58,6 +72,7 @@ class StepResult:
     pop_hits: float
     pop_ndcg_sum: float
     loss: float
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -162,7 +177,7 @@ class OnlineLearner:
 
     # -- training ------------------------------------------------------------------------------
 
-    def _train(self, w: Windows, loss_mask: np.ndarray, now_s: int) -> float:
+    def _train(self, w: Windows, loss_mask: np.ndarray, now_s: int, clock: StageClock) -> float:
         keys, _weights, counts = self.items.catalog()
         if len(keys) == 0 or not loss_mask.any():
             return math.nan
@@ -179,11 +194,14 @@ class OnlineLearner:
             log_q_neg=torch.full((self.negatives,), -math.log(len(keys)), device=self.device),
             loss_mask=torch.from_numpy(loss_mask).to(self.device),
         )
+        clock.lap("store")
         losses = self.model(batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         self.optimizer.step()
+        clock.lap("forward_backward")
         self.items.step(now_s)
+        clock.lap("store")
         return float(losses.total.detach())
 
     @staticmethod
@@ -198,16 +216,21 @@ class OnlineLearner:
     def step(self, batch: EventBatch) -> StepResult:
         if len(batch) == 0:
             return StepResult(0, 0, 0.0, 0.0, 0.0, 0.0, math.nan)
+        clock = StageClock()
         order = np.argsort(batch.user_id, kind="stable")
         users, starts = np.unique(batch.user_id[order], return_index=True)
         histories = self.history.get_many(users)
         w = build_windows(users, histories, batch, order, starts, self.max_len)
         # Slot t predicts slot t+1: a target is a new event with a real event right before it.
         targets_mask = w.is_new[:, 1:] & w.valid[:, :-1]
+        clock.lap("history")
         scored, hits, ndcg_sum, pop_hits, pop_ndcg = self._prequential(w, targets_mask)
+        clock.lap("prequential")
         now_s = int(batch.event_time_ms.max()) // 1000
         self.items.observe(torch.from_numpy(np.ascontiguousarray(batch.item_id)).to(self.device), now_s)
-        loss = self._train(w, targets_mask, now_s)
+        clock.lap("store")
+        loss = self._train(w, targets_mask, now_s, clock)
         self.history.append(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
+        clock.lap("history")
         self.version += 1
-        return StepResult(len(batch), scored, hits, ndcg_sum, pop_hits, pop_ndcg, loss)
+        return StepResult(len(batch), scored, hits, ndcg_sum, pop_hits, pop_ndcg, loss, clock.seconds)

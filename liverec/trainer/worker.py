@@ -95,6 +95,9 @@ class TrainerWorker:
         self._last_checkpoint_time = time.monotonic()
         self._last_lag_time = 0.0
         self.metrics_port: int | None = None
+        # Cumulative wall seconds per stage (consume, decode, history, prequential, store,
+        # forward_backward, checkpoint): the train benchmark reports their shares.
+        self.stage_seconds: dict[str, float] = {}
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -126,6 +129,7 @@ class TrainerWorker:
         self.dlq.flush()  # dead letters are durable before the offsets move past them
         path = self.checkpoints.save(self._state(), self.store, self.history.checkpoint)
         self.metrics.checkpoint_done(time.perf_counter() - start)
+        self.stage_seconds["checkpoint"] = self.stage_seconds.get("checkpoint", 0.0) + time.perf_counter() - start
         self._events_since_checkpoint = 0
         self._last_checkpoint_time = time.monotonic()
         self._commit_group_offsets()
@@ -201,7 +205,9 @@ class TrainerWorker:
             while not self.stop.is_set():
                 if max_events is not None and self.counters.consumed >= max_events:
                     break
+                poll_start = time.perf_counter()
                 polled = self.consumer.poll(timeout_ms=50, max_records=self.config.kafka.consumer_max_poll_records)
+                self.stage_seconds["consume"] = self.stage_seconds.get("consume", 0.0) + time.perf_counter() - poll_start
                 got = 0
                 for tp, records in polled.items():
                     buffers[tp.partition].extend(records)
@@ -271,7 +277,6 @@ class TrainerWorker:
         decoded = time.perf_counter()
         self._dead_letter(rejected)
         result = self.learner.step(batch) if len(batch) else None
-        learned = time.perf_counter()
         for rec in records:
             if rec.offset + 1 > self.offsets.get(rec.partition, 0):
                 self.offsets[rec.partition] = rec.offset + 1
@@ -285,8 +290,11 @@ class TrainerWorker:
         if before // tc.expire_every_events != self.counters.applied // tc.expire_every_events and len(batch):
             self.store.expire(int(batch.event_time_ms.max()) // 1000)
         self._events_since_checkpoint += len(records)
+        self.stage_seconds["decode"] = self.stage_seconds.get("decode", 0.0) + decoded - start
         m.batch_seconds.labels(stage="decode").observe(decoded - start)
-        m.batch_seconds.labels(stage="learn").observe(learned - decoded)
+        for stage, seconds in (result.seconds if result else {}).items():
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+            m.batch_seconds.labels(stage=stage).observe(seconds)
         m.batch_seconds.labels(stage="total").observe(time.perf_counter() - start)
         m.model_version.set(self.learner.version)
         for name, stats in self.store.stats().items():

@@ -1,0 +1,146 @@
+"""`liverec bench train`: end-to-end training events/s from the local broker, with per-stage shares.
+
+A dataset is replayed into a fresh local broker first; then the real `TrainerWorker` (default
+model, default batching, checkpoints on) consumes it, and the wall time is split into the stages
+it records: consume (Kafka polls), decode, history (RocksDB reads/writes, window building),
+prequential (test-then-train scoring), store (embedding lookups, admission, sparse updates),
+forward_backward (dense model and Adam), checkpoint. The rest is loop overhead.
+
+`--in-memory` measures the learner's step alone over in-memory micro-batches (no Kafka) on the
+chosen `--device`, which is how the H200 row is produced through the device tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from liverec.platform.broker import LocalBroker
+from liverec.platform.config import LiverecConfig, load_config
+from liverec.platform.datasets import EventTable, load_dataset
+from liverec.platform.kafka import ensure_topics, make_producer
+from liverec.platform.replay import rebase_times, replay
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STAGES = ("consume", "decode", "history", "prequential", "store", "forward_backward", "checkpoint")
+
+
+def machine() -> str:
+    return f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__})"
+
+
+def end_to_end(config: LiverecConfig, table: EventTable, events: int) -> dict:
+    from liverec.trainer.worker import TrainerWorker
+
+    with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="liverec-bench-train-") as state_dir:
+        kafka = dataclasses.replace(config.kafka, bootstrap_servers=broker.bootstrap)
+        trainer = dataclasses.replace(config.trainer, state_dir=state_dir, metrics_port=-1)
+        config = dataclasses.replace(config, kafka=kafka, trainer=trainer)
+        ensure_topics(config.kafka, config.topics)
+        producer = make_producer(config.kafka)
+        try:
+            replay(table, producer, config.topics.events, limit=events)
+        finally:
+            producer.close()
+        worker = TrainerWorker(config)
+        start = time.perf_counter()
+        counters = worker.run(max_events=events)
+        wall = time.perf_counter() - start
+    stages = {s: worker.stage_seconds.get(s, 0.0) for s in STAGES}
+    stages["other"] = max(0.0, wall - sum(stages.values()))
+    return {
+        "mode": "end_to_end", "events": counters.applied, "seconds": wall, "events_per_s": counters.applied / wall,
+        "stage_seconds": stages, "stage_share": {k: v / wall for k, v in stages.items()},
+        "online": worker.online_metrics(),
+    }
+
+
+def in_memory(config: LiverecConfig, table: EventTable, events: int, device: str) -> dict:
+    import numpy as np
+
+    from liverec.embedding_store.store import EmbeddingStore
+    from liverec.trainer.decode import EventBatch
+    from liverec.trainer.history import HistoryStore
+    from liverec.trainer.items import StoreItemTable
+    from liverec.trainer.learner import OnlineLearner
+    from liverec.trainer.worker import item_table_config
+
+    tc = config.trainer
+    with tempfile.TemporaryDirectory(prefix="liverec-bench-step-") as tmp:
+        store = EmbeddingStore([item_table_config(config)], seed=tc.seed, device=device)
+        history = HistoryStore(Path(tmp) / "history", config.model.encoder.max_len)
+        learner = OnlineLearner(config.model, StoreItemTable(store), history, negatives=tc.negatives,
+                                dense_lr=tc.dense_lr, seed=tc.seed, device=device)
+        n = min(events, len(table))
+        stages: dict[str, float] = {}
+        start = time.perf_counter()
+        for s in range(0, n, tc.batch_events):
+            sl = table.slice(s, min(n, s + tc.batch_events))
+            batch = EventBatch(sl.user_id.copy(), sl.item_id.copy(), sl.action.copy(), sl.value.copy(),
+                               sl.event_time_ms.copy(), np.zeros(len(sl), np.int32), np.arange(s, s + len(sl)))
+            result = learner.step(batch)
+            for stage, sec in result.seconds.items():
+                stages[stage] = stages.get(stage, 0.0) + sec
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        history.close()
+    return {"mode": "in_memory", "device": device, "events": n, "seconds": wall, "events_per_s": n / wall,
+            "stage_seconds": stages, "stage_share": {k: v / wall for k, v in stages.items()}}
+
+
+def print_table(result: dict) -> None:
+    print(f"train benchmark — {result['mode']}, {result['events']:,} events of {result['dataset']}, "
+          f"{result['machine']}, {result['date']}")
+    print(f"  events/s: {result['events_per_s']:,.0f}   wall: {result['seconds']:.1f} s")
+    print(f"  {'stage':<18}{'seconds':>10}{'share':>8}")
+    for stage, sec in result["stage_seconds"].items():
+        print(f"  {stage:<18}{sec:>10.2f}{result['stage_share'][stage]:>8.1%}")
+    if "online" in result:
+        o = result["online"]
+        print(f"  prequential HR@10 {o['HR@10']:.4f} (popularity {o['popularity_HR@10']:.4f}), "
+              f"NDCG@10 {o['NDCG@10']:.4f} (popularity {o['popularity_NDCG@10']:.4f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="liverec bench train", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared/data/ml-100k"))
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--quick", action="store_true", help="3,000 events")
+    parser.add_argument("--in-memory", action="store_true", help="learner steps only, no Kafka")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    events = 3_000 if args.quick else args.events
+    config = load_config(None)
+    table, _ = rebase_times(load_dataset(args.dataset).table)
+    if args.in_memory:
+        result = in_memory(config, table, events, args.device)
+    else:
+        result = end_to_end(config, table, events)
+    result.update({"benchmark": "train", "dataset": Path(args.dataset).name, "date": time.strftime("%Y-%m-%d"),
+                   "machine": machine(), "threads": torch.get_num_threads(),
+                   "model": dataclasses.asdict(config.model), "batch_events": config.trainer.batch_events})
+    out = args.out or RESULTS / ("train.json" if not args.in_memory else f"train_step_{args.device.split(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
