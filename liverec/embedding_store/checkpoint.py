@@ -56,7 +56,9 @@ class CheckpointError(Exception):
 
 
 @dataclass(frozen=True)
-class _Checkpoint:
+class Checkpoint:
+    """One verified checkpoint directory and its manifest body (a link of a restore chain)."""
+
     path: Path
     manifest: dict[str, Any]
 
@@ -239,7 +241,7 @@ def restore(path: str | Path, *, device: torch.device | str = "cpu") -> Embeddin
     return store
 
 
-def _restore_table(table: Table, chain: list[tuple[_Checkpoint, dict[str, Any]]]) -> None:
+def _restore_table(table: Table, chain: list[tuple[Checkpoint, dict[str, Any]]]) -> None:
     for link, entry in chain:
         prefix = entry["prefix"]
         if link.manifest["kind"] == "incremental":
@@ -257,7 +259,7 @@ def _restore_table(table: Table, chain: list[tuple[_Checkpoint, dict[str, Any]]]
     table.start_log("checkpoint")
 
 
-def _read_tensor(link: _Checkpoint, name: str) -> torch.Tensor:
+def _read_tensor(link: Checkpoint, name: str) -> torch.Tensor:
     """A tensor of a verified checkpoint, as a CPU view of a private mapping of its data file."""
     record = link.manifest["tensors"].get(name)
     if record is None:
@@ -273,7 +275,7 @@ def _read_tensor(link: _Checkpoint, name: str) -> torch.Tensor:
     return mapped[record["offset"] : record["offset"] + nbytes].view(dtype).view(shape)
 
 
-def verify(path: str | Path) -> list[_Checkpoint]:
+def verify(path: str | Path) -> list[Checkpoint]:
     """The checkpoint chain ending at `path`, oldest (the full one) first, after checking every
     manifest and every file's size and sha256. Raises CheckpointError on the first problem."""
     chain = [_load_manifest(Path(path))]
@@ -295,7 +297,7 @@ def verify(path: str | Path) -> list[_Checkpoint]:
     return chain
 
 
-def _load_manifest(path: Path) -> _Checkpoint:
+def _load_manifest(path: Path) -> Checkpoint:
     match = _NAME.match(path.name)
     if match is None:
         raise CheckpointError(f"{path} is not a checkpoint directory (NNNNNNNN-full or NNNNNNNN-incremental)")
@@ -311,7 +313,7 @@ def _load_manifest(path: Path) -> _Checkpoint:
         raise CheckpointError(f"{path}: checkpoint format {body.get('format')!r}, this code reads {FORMAT}")
     if body.get("seq") != int(match.group(1)) or body.get("kind") != match.group(2):
         raise CheckpointError(f"{path}: manifest says {body.get('seq')}-{body.get('kind')}, the name disagrees")
-    return _Checkpoint(path, body)
+    return Checkpoint(path, body)
 
 
 def latest(root: str | Path) -> Path | None:

@@ -3,10 +3,12 @@
 Everything per row lives in a dense tensor indexed by row: the weights, the optimizer state, the
 row's key, the event time of its last update, its count and its dirty flags. A batch operation is
 therefore a handful of gathers and scatters over row indices, on whatever device the table is on.
+Per row that is 20 bytes of metadata (key 8, last update 8, count 4) plus 1 byte per active
+change log, beyond weights and optimizer state; the hash index adds 16 / load bytes.
 
 Train lookups follow the Monolith lifecycle:
 
-1. find every key; the misses are keys without a row;
+1. deduplicate the batch's keys and find each distinct key; the misses are keys without a row;
 2. admission: misses are counted in the count-min sketch; those whose estimate reached
    `min_count` are admitted (deduplicated, sorted), the rest read zeros and get no update;
 3. if `max_rows` would be exceeded, evict (LRU by last update, LFU by count, ties by smaller key)
