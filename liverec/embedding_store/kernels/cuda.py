@@ -1,21 +1,24 @@
 """Triton kernels for the hash index on CUDA (the contract is in `kernels/__init__.py`).
 
-Same layout, hash, sentinels and probing as the CPU kernels, so a table built on one backend
-can be searched on the other. One lane per key, no per-key Python loop. A block keeps probing
-while any of its lanes is unsettled; at the load factors the store allows (≤ 0.75) that is a
-handful of dependent loads, so the kernels are bound by random-access latency, not bandwidth.
+Same layout, hash, sentinels and probing order as the CPU kernels, so a table built on one
+backend can be searched on the other. One lane per key, no per-key Python loop.
 
-Concurrency: lanes of one insert launch race for free slots with `tl.atomic_cas` on the int64
-slot key; a slot, once claimed, never changes within a launch, which is what makes the probe
-of a losing lane correct when it simply re-reads the slot and carries on. Triton's
-`atomic_cas` has no mask, so lanes that must not touch the table point their CAS at a private
-scratch cell with compare == new value (a no-op).
+Probing reads the slot array in aligned groups of G = 4 slots (one 32-byte DRAM sector) and
+takes the first slot of the group, from the home slot on, that ends the probe. That is exactly
+linear probing, but a probe of length L costs about L / 4 dependent loads instead of L: a hash
+lookup is bound by the latency of those loads, and a block waits for its slowest lane.
 
-`find_or_insert` is the store's hot path (find → dedup misses → allocate → insert) in two
-variants that give the same key → row mapping as the CPU path: new keys get rows in sorted
-order of the unique missed keys. `fused=False` is the literal composition of the contract's
-functions (torch.unique on the misses); `fused=True` deduplicates inside the table itself
-(duplicate lanes meet at the slot the first of them claims) and only sorts to rank new keys.
+Concurrency: lanes of one launch race for free slots with a compare-and-swap on the int64 slot
+key. A slot, once claimed, never changes within a launch, so a lane that loses the race learns
+the winner's key from the CAS and either has met its own key or walks on. Triton's
+`atomic_cas` has no mask: idle lanes CAS a private scratch cell with compare == new (a no-op).
+
+`find_or_insert` is the store's hot path (find -> dedup misses -> allocate -> insert) and gives
+the CPU path's key -> row mapping: the r-th new key in ascending order gets the r-th row.
+`fused=False` composes the contract's functions literally (torch.unique on the misses).
+`fused=True` probes (read-only, G-slot groups) and claims (CAS, slot by slot) in two kernels,
+deduplicating inside the table itself (lanes of one key meet at the slot the first of them
+claims), ranks only the claimed keys with one keys-only sort, then writes rows and gathers them.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ from liverec.embedding_store.kernels import EMPTY_KEY, TOMBSTONE_KEY
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly); used to test without a GPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-BLOCK = 64  # lanes per program; small blocks keep the longest probe in a block short
+BLOCK = 64  # lanes per program: small blocks keep the slowest lane's probe from idling many
 NUM_WARPS = 1
+GROUP = 4  # slots read per probe step: 4 x int64 = one 32-byte sector
 
 _EMPTY = tl.constexpr(EMPTY_KEY)
 _TOMB = tl.constexpr(TOMBSTONE_KEY)
@@ -56,128 +60,219 @@ def _home(k, cmask):
 
 
 @triton.jit
-def _find_kernel(slot_keys, slot_vals, q_ptr, out_ptr, n, cmask, cap, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    q = tl.load(q_ptr + offs, mask=m, other=_EMPTY)
-    active = m & (q != _EMPTY) & (q != _TOMB)
-    pos = _home(q, cmask)
-    res = tl.full([BLOCK], -1, tl.int64)
-    steps = tl.program_id(0) * 0  # a scalar tensor: the interpreter mishandles python-int compares
-    go = tl.max(active.to(tl.int32), axis=0)
-    while go > 0:
-        k = tl.load(slot_keys + pos, mask=active, other=_EMPTY)
-        hit = active & (k == q)
-        v = tl.load(slot_vals + pos, mask=hit, other=-1)
-        res = tl.where(hit, v, res)
-        steps += 1
-        active = active & (k != q) & (k != _EMPTY)
-        pos = (pos + 1) & cmask
-        go = tl.max(active.to(tl.int32), axis=0) * (steps < cap).to(tl.int32)
-    tl.store(out_ptr + offs, res, mask=m)
+def _cas(ptr, cmp, new, pred, scratch_ptr):
+    """Compare-and-swap where `pred`; returns the old value (meaningless where not `pred`).
+
+    Triton's atomic_cas has no mask, so idle lanes CAS their own scratch cell with cmp == new,
+    which changes nothing.
+    """
+    return tl.atomic_cas(tl.where(pred, ptr, scratch_ptr), tl.where(pred, cmp, 0),
+                         tl.where(pred, new, 0), sem="relaxed")
 
 
 @triton.jit
-def _insert_kernel(slot_keys, slot_vals, keys_ptr, vals_ptr, sel_ptr, pos_out, won_out, scratch,
-                   fail_ptr, n, cmask, cap,
-                   HAS_VALS: tl.constexpr, HAS_SEL: tl.constexpr, WRITE_POS: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    """Claim the first free slot (EMPTY or TOMBSTONE) on each selected key's probe path.
+def _pick(kk, j, jstop):
+    """kk[lane, jstop[lane]] (0 where jstop is past the group)."""
+    return tl.sum(tl.where(j[None, :] == jstop[:, None], kk, 0), axis=1)
 
-    Keys must be absent from the table at launch; duplicates within the launch are allowed:
-    all lanes of one key walk the same path and meet at the slot the first of them claims
-    (`won` marks that lane, `pos` is the slot for every lane).
+
+@triton.jit
+def _locate(slot_keys, q, active, cmask, cap, G: tl.constexpr):
+    """(found, slot) of each active query: walk G-slot groups to the key or an EMPTY slot."""
+    home = _home(q, cmask)
+    base = home & -G
+    first = home - base
+    j = tl.arange(0, G)
+    found = active & (q != q)
+    slot = home * 0
+    steps = tl.program_id(0) * 0  # a scalar tensor: the interpreter mishandles python-int compares
+    go = tl.max(active.to(tl.int32), axis=0)
+    while go > 0:
+        kk = tl.load(slot_keys + (tl.multiple_of(base, G)[:, None] + j[None, :]),
+                     mask=active[:, None], other=_EMPTY)
+        stop = (j[None, :] >= first[:, None]) & ((kk == q[:, None]) | (kk == _EMPTY))
+        jstop = tl.min(tl.where(stop, j[None, :], G), axis=1)
+        ended = active & (jstop < G)
+        hit = ended & (_pick(kk, j, jstop) == q)
+        found = found | hit
+        slot = tl.where(hit, base + jstop, slot)
+        active = active & ~ended
+        base = (base + G) & cmask
+        first = first * 0
+        steps += G
+        go = tl.max(active.to(tl.int32), axis=0) * (steps < cap + G).to(tl.int32)
+    return found, slot
+
+
+@triton.jit
+def _claim(slot_keys, k, active, pos, cmask, max_iters, scratch_ptr):
+    """Claim the first free slot (EMPTY or TOMBSTONE) from `pos` on, or meet k there.
+
+    The key must be absent from the table at launch, and every slot before `pos` on its path
+    must hold another key. Lanes of one key walk the same path and meet at the slot the first
+    of them claims. Returns (won, found, slot): won marks the lane whose CAS put k there, found
+    every lane that ended at k's slot. A lost CAS returns the slot's new key, so the lane
+    decides from that (k: met; another key: walk on).
+
+    Slot by slot on 1-D tensors on purpose: after a cross-thread reduction Triton replicates a
+    lane's values over several threads, and replicas of an atomic do not see the same result.
     """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    k = tl.load(keys_ptr + offs, mask=m, other=_EMPTY)
-    active = m & (k != _EMPTY) & (k != _TOMB)
-    if HAS_SEL:
-        active = active & (tl.load(sel_ptr + offs, mask=m, other=0) != 0)
-    wanted = active
-    pos = _home(k, cmask)
-    won = tl.zeros([BLOCK], dtype=tl.int1)
-    found = tl.zeros([BLOCK], dtype=tl.int1)
+    won = active & (k != k)
+    found = won
+    slot = pos
     steps = tl.program_id(0) * 0  # a scalar tensor: the interpreter mishandles python-int compares
     go = tl.max(active.to(tl.int32), axis=0)
     while go > 0:
         cur = tl.load(slot_keys + pos, mask=active, other=0)
-        dup = active & (cur == k)
         free = active & ((cur == _EMPTY) | (cur == _TOMB))
-        # Lanes with nothing to claim CAS their own scratch cell with cmp == new: a no-op.
-        ptr = tl.where(free, slot_keys + pos, scratch + offs)
-        cmp = tl.where(free, cur, 0)
-        new = tl.where(free, k, 0)
-        old = tl.atomic_cas(ptr, cmp, new, sem="relaxed")
+        old = cur
+        if tl.max(free.to(tl.int32), axis=0) > 0:
+            old = _cas(slot_keys + pos, cur, k, free, scratch_ptr)
         got = free & (old == cur)
+        met = active & ~got & ((cur == k) | (free & (old == k)))
         won = won | got
-        found = found | got | dup
-        # Occupied by another key: move on. A lost CAS re-reads the same slot next round.
-        pos = tl.where(active & ~free & ~dup, (pos + 1) & cmask, pos)
+        found = found | got | met
+        slot = tl.where(got | met, pos, slot)
+        active = active & ~(got | met)
+        pos = tl.where(active, (pos + 1) & cmask, pos)
         steps += 1
-        active = active & ~(got | dup)
-        go = tl.max(active.to(tl.int32), axis=0) * (steps < cap).to(tl.int32)
-    if HAS_VALS:
-        tl.store(slot_vals + pos, tl.load(vals_ptr + offs, mask=won, other=-1), mask=won)
-    if WRITE_POS:
-        tl.store(pos_out + offs, tl.where(found, pos, 0), mask=m)
-        tl.store(won_out + offs, won.to(tl.int8), mask=m)
-    lost = tl.sum((wanted & ~found).to(tl.int32), axis=0)
+        go = tl.max(active.to(tl.int32), axis=0) * (steps < max_iters).to(tl.int32)
+    return won, found, slot
+
+
+@triton.jit
+def _find_kernel(slot_keys, slot_vals, q_ptr, out_ptr, n, cmask, cap,
+                 BLOCK: tl.constexpr, G: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    q = tl.load(q_ptr + offs, mask=m, other=_EMPTY)
+    found, slot = _locate(slot_keys, q, m & (q != _EMPTY) & (q != _TOMB), cmask, cap, G)
+    tl.store(out_ptr + offs, tl.load(slot_vals + slot, mask=found, other=-1), mask=m)
+
+
+@triton.jit
+def _erase_kernel(slot_keys, slot_vals, keys_ptr, out_ptr, n, cmask, cap,
+                  BLOCK: tl.constexpr, G: tl.constexpr):
+    """Tombstone each key's slot (value reset to -1, as on the CPU); keys are unique here."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    q = tl.load(keys_ptr + offs, mask=m, other=_EMPTY)
+    found, slot = _locate(slot_keys, q, m & (q != _EMPTY) & (q != _TOMB), cmask, cap, G)
+    tl.store(out_ptr + offs, tl.load(slot_vals + slot, mask=found, other=-1), mask=m)
+    tl.store(slot_keys + slot, tl.full([BLOCK], _TOMB, tl.int64), mask=found)
+    tl.store(slot_vals + slot, tl.full([BLOCK], -1, tl.int64), mask=found)
+
+
+@triton.jit
+def _insert_kernel(slot_keys, slot_vals, keys_ptr, vals_ptr, scratch, fail_ptr, n, cmask, max_iters,
+                   BLOCK: tl.constexpr):
+    """Insert unique, absent keys: each claims the first free slot on its probe path."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    k = tl.load(keys_ptr + offs, mask=m, other=_EMPTY)
+    active = m & (k != _EMPTY) & (k != _TOMB)
+    won, found, slot = _claim(slot_keys, k, active, _home(k, cmask), cmask, max_iters, scratch + offs)
+    tl.store(slot_vals + slot, tl.load(vals_ptr + offs, mask=won, other=-1), mask=won)
+    lost = tl.sum((active & ~found).to(tl.int32), axis=0)
     if lost > 0:
         tl.atomic_add(fail_ptr, lost)
 
 
 @triton.jit
-def _erase_kernel(slot_keys, slot_vals, keys_ptr, out_ptr, n, cmask, cap, BLOCK: tl.constexpr):
-    """Tombstone each key's slot (value reset to -1, as on the CPU); keys are unique here."""
+def _probe_kernel(slot_keys, keys_ptr, pos_out, from_out, fail_ptr, n, cmask, cap,
+                  BLOCK: tl.constexpr, G: tl.constexpr):
+    """Read-only first half of find_or_insert: each key's slot, or where it would be claimed.
+
+    pos_out: the key's slot, -1 if absent; from_out: for an absent valid key the first free
+    slot (TOMBSTONE or EMPTY) on its path, else -1.
+    """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    q = tl.load(keys_ptr + offs, mask=m, other=_EMPTY)
-    active = m & (q != _EMPTY) & (q != _TOMB)
-    pos = _home(q, cmask)
-    res = tl.full([BLOCK], -1, tl.int64)
-    steps = tl.program_id(0) * 0  # a scalar tensor: the interpreter mishandles python-int compares
+    k = tl.load(keys_ptr + offs, mask=m, other=_EMPTY)
+    valid = m & (k != _EMPTY) & (k != _TOMB)
+    home = _home(k, cmask)
+    base = home & -G
+    first = home - base
+    j = tl.arange(0, G)
+    active = valid
+    hit = valid & (k != k)
+    slot = home * 0 - 1
+    free_at = slot
+    steps = tl.program_id(0) * 0
     go = tl.max(active.to(tl.int32), axis=0)
     while go > 0:
-        k = tl.load(slot_keys + pos, mask=active, other=_EMPTY)
-        hit = active & (k == q)
-        v = tl.load(slot_vals + pos, mask=hit, other=-1)
-        res = tl.where(hit, v, res)
-        tl.store(slot_keys + pos, tl.full([BLOCK], _TOMB, tl.int64), mask=hit)
-        tl.store(slot_vals + pos, tl.full([BLOCK], -1, tl.int64), mask=hit)
-        steps += 1
-        active = active & (k != q) & (k != _EMPTY)
-        pos = (pos + 1) & cmask
-        go = tl.max(active.to(tl.int32), axis=0) * (steps < cap).to(tl.int32)
-    tl.store(out_ptr + offs, res, mask=m)
+        kk = tl.load(slot_keys + (tl.multiple_of(base, G)[:, None] + j[None, :]),
+                     mask=active[:, None], other=_EMPTY)
+        ok = j[None, :] >= first[:, None]
+        jfree = tl.min(tl.where(ok & ((kk == _EMPTY) | (kk == _TOMB)), j[None, :], G), axis=1)
+        free_at = tl.where(active & (free_at < 0) & (jfree < G), base + jfree, free_at)
+        jstop = tl.min(tl.where(ok & ((kk == k[:, None]) | (kk == _EMPTY)), j[None, :], G), axis=1)
+        ended = active & (jstop < G)
+        h = ended & (_pick(kk, j, jstop) == k)
+        hit = hit | h
+        slot = tl.where(h, base + jstop, slot)
+        active = active & ~ended
+        base = (base + G) & cmask
+        first = first * 0
+        steps += G
+        go = tl.max(active.to(tl.int32), axis=0) * (steps < cap + G).to(tl.int32)
+    tl.store(pos_out + offs, slot, mask=m)
+    tl.store(from_out + offs, tl.where(valid & ~hit, free_at, -1), mask=m)
+    lost = tl.sum((valid & ~hit & (free_at < 0)).to(tl.int32), axis=0)
+    if lost > 0:
+        tl.atomic_add(fail_ptr, lost)
 
 
 @triton.jit
-def _assign_kernel(sorted_perm, pos, slot_vals, out, n_new_ptr, free_rows, n_free, next_row, n,
-                   BLOCK: tl.constexpr):
-    """Give the r-th new key (sorted order) row free_rows[r], else next_row + r - n_free."""
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    start = n - tl.load(n_new_ptr)
-    m = (j < n) & (j >= start)
-    rank = j - start
-    from_free = m & (rank < n_free)
-    row = tl.load(free_rows + rank, mask=from_free, other=0)
-    row = tl.where(from_free, row, next_row + rank - n_free)
-    lane = tl.load(sorted_perm + j, mask=m, other=0)
-    p = tl.load(pos + lane, mask=m, other=0)
-    tl.store(slot_vals + p, row, mask=m)
-    tl.store(out + j, row, mask=m)
+def _claim_kernel(slot_keys, keys_ptr, from_ptr, pos_out, claimed_out, scratch, fail_ptr, n, cmask,
+                  max_iters, BLOCK: tl.constexpr):
+    """Second half: each absent key claims a slot from its `from` on (lanes of one key meet).
 
-
-@triton.jit
-def _gather_kernel(slot_vals, pos, sel_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """out[i] = slot_vals[pos[i]] for the selected (missed) lanes."""
+    claimed_out: the key on the one lane whose CAS inserted it, EMPTY elsewhere; its value is
+    written later, once the new keys are ranked. Every slot before `from` on the path held
+    another key at probe time and still does, so the key cannot be there.
+    """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    sel = m & (tl.load(sel_ptr + offs, mask=m, other=0) != 0)
-    p = tl.load(pos + offs, mask=sel, other=0)
-    v = tl.load(slot_vals + p, mask=sel, other=-1)
-    tl.store(out_ptr + offs, v, mask=sel)
+    start = tl.load(from_ptr + offs, mask=m, other=-1)
+    k = tl.load(keys_ptr + offs, mask=m, other=_EMPTY)
+    active = m & (start >= 0)
+    won, found, slot = _claim(slot_keys, k, active, tl.maximum(start, 0), cmask, max_iters,
+                              scratch + offs)
+    tl.store(pos_out + offs, slot, mask=found)
+    tl.store(claimed_out + offs, tl.where(won, k, _EMPTY), mask=m)
+    lost = tl.sum((active & ~found).to(tl.int32), axis=0)
+    if lost > 0:
+        tl.atomic_add(fail_ptr, lost)
+
+
+@triton.jit
+def _assign_kernel(slot_keys, slot_vals, uniq, rows_out, n_uniq, free_rows, n_free, next_row, cmask,
+                   cap, BLOCK: tl.constexpr, G: tl.constexpr):
+    """The r-th claimed key (ascending) gets free_rows[r] while they last, then next_row + ...
+
+    `uniq` is sorted and may start with one EMPTY (lanes that claimed nothing), skipped here.
+    """
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = j < n_uniq
+    key = tl.load(uniq + j, mask=m, other=_EMPTY)
+    rank = j - (tl.load(uniq) == _EMPTY).to(tl.int64)
+    active = m & (key != _EMPTY)
+    from_free = active & (rank < n_free)
+    row = tl.load(free_rows + rank, mask=from_free, other=0)
+    row = tl.where(from_free, row, next_row + rank - n_free)
+    found, slot = _locate(slot_keys, key, active, cmask, cap, G)
+    tl.store(slot_vals + slot, row, mask=found)
+    tl.store(rows_out + j, row, mask=m)
+
+
+@triton.jit
+def _gather_kernel(slot_vals, pos, out_ptr, n, BLOCK: tl.constexpr):
+    """out[i] = slot_vals[pos[i]], -1 where pos is -1."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    p = tl.load(pos + offs, mask=m, other=-1)
+    tl.store(out_ptr + offs, tl.load(slot_vals + p, mask=m & (p >= 0), other=-1), mask=m)
 
 
 def _check(slot_keys: torch.Tensor, slot_vals: torch.Tensor, *keys: torch.Tensor) -> int:
@@ -197,8 +292,29 @@ def _check(slot_keys: torch.Tensor, slot_vals: torch.Tensor, *keys: torch.Tensor
     return cap - 1
 
 
-def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(max(n, 1), BLOCK),)
+def _launch(n: int) -> dict[str, object]:
+    """Grid and launch options for n lanes.
+
+    BLOCK must cover every thread: a smaller block would replicate lanes over threads, and
+    replicas of a CAS would not agree on its result.
+    """
+    if BLOCK < 32 * NUM_WARPS:
+        raise ValueError(f"BLOCK={BLOCK} is smaller than the {32 * NUM_WARPS} threads of {NUM_WARPS} warps")
+    return {"grid": (triton.cdiv(max(n, 1), BLOCK),), "BLOCK": BLOCK, "num_warps": NUM_WARPS}
+
+
+def _group(cmask: int) -> int:
+    return min(GROUP, cmask + 1)
+
+
+def _scratch(n: int, device: torch.device) -> torch.Tensor:
+    """One cell per lane for the no-op CAS of idle lanes (contents never matter)."""
+    return torch.empty(n, dtype=torch.int64, device=device)
+
+
+def _run(kernel: triton.JITFunction, n: int, *args: object, **meta: object) -> None:
+    opts = _launch(n)
+    kernel[opts.pop("grid")](*args, **opts, **meta)
 
 
 def find(slot_keys: torch.Tensor, slot_vals: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -206,29 +322,9 @@ def find(slot_keys: torch.Tensor, slot_vals: torch.Tensor, queries: torch.Tensor
     cmask = _check(slot_keys, slot_vals, queries)
     out = torch.empty_like(queries)
     if queries.numel():
-        _find_kernel[_grid(queries.numel())](slot_keys, slot_vals, queries, out, queries.numel(),
-                                             cmask, cmask + 1, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _run(_find_kernel, queries.numel(), slot_keys, slot_vals, queries, out, queries.numel(),
+             cmask, cmask + 1, G=_group(cmask))
     return out
-
-
-def _launch_insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor,
-                   vals: torch.Tensor | None, sel: torch.Tensor | None,
-                   want_pos: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = keys.numel()
-    cmask = slot_keys.numel() - 1
-    dev = keys.device
-    scratch = torch.zeros(n, dtype=torch.int64, device=dev)
-    fail = torch.zeros(1, dtype=torch.int32, device=dev)
-    pos = torch.empty(n if want_pos else 1, dtype=torch.int64, device=dev)
-    won = torch.empty(n if want_pos else 1, dtype=torch.int8, device=dev)
-    if n:
-        # A lost CAS retries the same slot, so allow capacity advances plus one loss per lane.
-        _insert_kernel[_grid(n)](
-            slot_keys, slot_vals, keys, keys if vals is None else vals,
-            keys if sel is None else sel, pos, won, scratch, fail, n, cmask, cmask + 1 + n,
-            HAS_VALS=vals is not None, HAS_SEL=sel is not None, WRITE_POS=want_pos,
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return pos, won, fail
 
 
 def insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor,
@@ -237,12 +333,19 @@ def insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor,
 
     Raises if a key found no free slot (the table was full: the caller grows it first).
     """
-    _check(slot_keys, slot_vals, keys, vals)
+    cmask = _check(slot_keys, slot_vals, keys, vals)
     if vals.numel() != keys.numel():
         raise ValueError("keys and vals must have the same length")
-    _, _, fail = _launch_insert(slot_keys, slot_vals, keys, vals, None, want_pos=False)
-    if int(fail.item()):
-        raise RuntimeError(f"hash index full: {int(fail.item())} keys found no free slot")
+    n = keys.numel()
+    if not n:
+        return
+    fail = torch.zeros(1, dtype=torch.int32, device=keys.device)
+    # A step passes an occupied slot or ends: at most capacity steps.
+    _run(_insert_kernel, n, slot_keys, slot_vals, keys, vals, _scratch(n, keys.device), fail, n,
+         cmask, cmask + 2)
+    lost = int(fail.item())
+    if lost:
+        raise RuntimeError(f"hash index full: {lost} keys found no free slot")
 
 
 def erase(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -256,8 +359,8 @@ def erase(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor) 
     first = torch.full((uniq.numel(),), n, dtype=torch.int64, device=keys.device)
     first.scatter_reduce_(0, inv, torch.arange(n, device=keys.device), reduce="amin")
     erased = torch.empty_like(uniq)
-    _erase_kernel[_grid(uniq.numel())](slot_keys, slot_vals, uniq, erased, uniq.numel(), cmask,
-                                       cmask + 1, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _run(_erase_kernel, uniq.numel(), slot_keys, slot_vals, uniq, erased, uniq.numel(), cmask,
+         cmask + 1, G=_group(cmask))
     out[first] = erased
     return out
 
@@ -283,10 +386,9 @@ def find_or_insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch
     """
     cmask = _check(slot_keys, slot_vals, keys, free_rows)
     n = keys.numel()
-    out = find(slot_keys, slot_vals, keys)
-    valid = (keys != EMPTY_KEY) & (keys != TOMBSTONE_KEY)
-    miss = (out < 0) & valid
     if not fused:
+        out = find(slot_keys, slot_vals, keys)
+        miss = (out < 0) & (keys != EMPTY_KEY) & (keys != TOMBSTONE_KEY)
         idx = miss.nonzero().squeeze(1)
         uniq, inv = torch.unique(keys[idx], sorted=True, return_inverse=True)
         rows = _rows_for(uniq.numel(), free_rows, next_row)
@@ -294,17 +396,22 @@ def find_or_insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch
         out[idx] = rows[inv]
         return out, uniq, rows
     if not n:
-        return out, keys[:0], free_rows[:0].clone()
-    pos, won, fail = _launch_insert(slot_keys, slot_vals, keys, None, miss, want_pos=True)
-    wkeys = torch.where(won.bool(), keys, torch.full_like(keys, EMPTY_KEY))
-    sorted_keys, perm = torch.sort(wkeys)
-    n_new = won.sum(dtype=torch.int64).reshape(1)
-    new_rows_full = torch.empty_like(keys)
-    _assign_kernel[_grid(n)](perm, pos, slot_vals, new_rows_full, n_new, free_rows,
-                             free_rows.numel(), next_row, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    _gather_kernel[_grid(n)](slot_vals, pos, miss, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    n_new_i, fail_i = torch.cat([n_new, fail.to(torch.int64)]).tolist()
-    if fail_i:
-        raise RuntimeError(f"hash index full: {fail_i} keys found no free slot")
-    del cmask
-    return out, sorted_keys[n - n_new_i:], new_rows_full[n - n_new_i:]
+        return torch.empty_like(keys), keys[:0].clone(), free_rows[:0].clone()
+    pos = torch.empty_like(keys)
+    start = torch.empty_like(keys)
+    claimed = torch.empty_like(keys)
+    fail = torch.zeros(1, dtype=torch.int32, device=keys.device)
+    _run(_probe_kernel, n, slot_keys, keys, pos, start, fail, n, cmask, cmask + 1, G=_group(cmask))
+    _run(_claim_kernel, n, slot_keys, keys, start, pos, claimed, _scratch(n, keys.device), fail, n,
+         cmask, cmask + 2)
+    uniq = torch.unique(claimed)  # sorted; keys only (no inverse), so a keys-only sort
+    rows = torch.empty_like(uniq)
+    _run(_assign_kernel, uniq.numel(), slot_keys, slot_vals, uniq, rows, uniq.numel(), free_rows,
+         free_rows.numel(), next_row, cmask, cmask + 1, G=_group(cmask))
+    out = torch.empty_like(keys)
+    _run(_gather_kernel, n, slot_vals, pos, out, n)
+    head, lost = torch.stack([uniq[0], fail[0].to(torch.int64)]).tolist()
+    if lost:
+        raise RuntimeError(f"hash index full: {lost} keys found no free slot")
+    skip = int(head == EMPTY_KEY)
+    return out, uniq[skip:], rows[skip:]

@@ -1,0 +1,92 @@
+"""The same EmbeddingStore operations on CPU and CUDA give the same tables.
+
+Keys, rows, metadata, counters and admission are integer state and must match exactly; weights
+and optimizer state may differ by float rounding (CUDA sums duplicate gradients with atomics,
+in no fixed order), so they are compared to a tight tolerance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from liverec.embedding_store import EmbeddingStore, TableConfig, checkpoint
+
+TABLES = [
+    TableConfig(name="item", dim=16, initial_capacity=64, min_count=1, ttl_s=120, max_rows=1500,
+                eviction="lru", optimizer="adagrad", max_load=0.5),
+    TableConfig(name="user", dim=8, initial_capacity=32, min_count=3, ttl_s=None, max_rows=400,
+                eviction="lfu", optimizer="adam", max_load=0.75),
+    TableConfig(name="action", dim=4, initial_capacity=8, optimizer="sgd", initializer="uniform"),
+]
+
+
+def _keys(rng: np.random.Generator, table: str, n: int) -> np.ndarray:
+    """A zipf stream of keys spread over the int64 range (negatives and extremes included)."""
+    if table == "action":
+        return rng.integers(0, 6, size=n, dtype=np.int64)
+    z = rng.zipf(1.2, size=n) % 5000
+    keys = z.astype(np.int64) * 1_000_000_007 - 2_500_000_000_000
+    keys[rng.random(n) < 0.01] = np.iinfo(np.int64).max - rng.integers(0, 3)
+    return keys
+
+
+def _same_table(cpu_store: EmbeddingStore, gpu_store: EmbeddingStore, name: str, *, stats: bool = True) -> None:
+    ck, cr = cpu_store.table(name).index.items()
+    gk, gr = gpu_store.table(name).index.items()
+    assert torch.equal(ck, gk.cpu()) and torch.equal(cr, gr.cpu()), f"{name}: key -> row differs"
+    ct, gt = cpu_store.table(name), gpu_store.table(name)
+    live = cr
+    for column in ("keys_by_row", "last_update", "counts"):
+        assert torch.equal(getattr(ct, column)[live], getattr(gt, column).cpu()[live]), f"{name}: {column} differs"
+    torch.testing.assert_close(gt.weights.cpu()[live], ct.weights[live], rtol=1e-4, atol=1e-6)
+    for column, state in ct.state.items():
+        torch.testing.assert_close(gt.state[column].cpu()[live], state[live], rtol=1e-4, atol=1e-6)
+    if stats:
+        assert cpu_store.stats()[name] == gpu_store.stats()[name]
+
+
+def test_store_cpu_and_cuda_agree(device: torch.device, tmp_path: Path) -> None:
+    rng = np.random.default_rng(2024)
+    cpu_store = EmbeddingStore(TABLES, seed=7, device="cpu")
+    gpu_store = EmbeddingStore(TABLES, seed=7, device=device)
+    for store in (cpu_store, gpu_store):
+        store.mark()
+    for step in range(40):
+        now = 10 * step
+        for config in TABLES:
+            keys = _keys(rng, config.name, 384)
+            grads = rng.standard_normal((keys.size, config.dim)).astype(np.float32)
+            rows = []
+            for store in (cpu_store, gpu_store):
+                k = torch.from_numpy(keys).to(store.device)
+                r = store.lookup(config.name, k, train=True, now_s=now)
+                emb = store.gather(config.name, r)
+                assert emb.shape == (keys.size, config.dim)
+                store.apply_gradients(config.name, r, torch.from_numpy(grads).to(store.device))
+                rows.append(r.cpu())
+            assert torch.equal(rows[0], rows[1]), f"step {step} {config.name}: rows differ"
+        if step % 7 == 6:
+            assert cpu_store.expire(now) == gpu_store.expire(now)
+        if step == 20:
+            cpu_delta, gpu_delta = cpu_store.export_delta(), gpu_store.export_delta()
+            for name in cpu_delta:
+                assert torch.equal(cpu_delta[name].keys, gpu_delta[name].keys.cpu())
+                assert torch.equal(cpu_delta[name].removed, gpu_delta[name].removed.cpu())
+                torch.testing.assert_close(gpu_delta[name].weights.cpu(), cpu_delta[name].weights,
+                                           rtol=1e-4, atol=1e-6)
+    for config in TABLES:
+        _same_table(cpu_store, gpu_store, config.name)
+        probe = torch.from_numpy(_keys(rng, config.name, 1000))
+        assert torch.equal(cpu_store.frequency(config.name, probe),
+                           gpu_store.frequency(config.name, probe.to(device)).cpu())
+        assert torch.equal(cpu_store.lookup(config.name, probe),
+                           gpu_store.lookup(config.name, probe.to(device)).cpu())
+
+    # A checkpoint written from the GPU store restores on the CPU into the CPU store's tables.
+    path = checkpoint.save(gpu_store, tmp_path / "ckpt")
+    restored = checkpoint.restore(path, device="cpu")
+    for config in TABLES:
+        _same_table(cpu_store, restored, config.name, stats=False)
