@@ -131,6 +131,7 @@ class TrainerConfig:
     item_ttl_s: int | None = None
     checkpoint_every_events: int = 20_000
     checkpoint_every_s: float = 60.0
+    publish_every_s: float = 1.0
     checkpoints_kept: int = 3
     expire_every_events: int = 10_000
     deterministic: bool = False
@@ -145,6 +146,7 @@ class TrainerConfig:
         _require(self.dense_lr > 0, "trainer.dense_lr", "must be > 0")
         _require(self.item_lr > 0, "trainer.item_lr", "must be > 0")
         _require(self.checkpoint_every_s > 0, "trainer.checkpoint_every_s", "must be > 0")
+        _require(self.publish_every_s > 0, "trainer.publish_every_s", "must be > 0")
         _require(self.item_ttl_s is None or self.item_ttl_s > 0, "trainer.item_ttl_s", "must be > 0 or null")
         _require(-1 <= self.metrics_port < 65536, "trainer.metrics_port", "must be a port (0: any free, -1: no endpoint)")
 

@@ -40,6 +40,7 @@ from liverec.trainer.history import HistoryStore
 from liverec.trainer.items import ITEM_TABLE, StoreItemTable
 from liverec.trainer.learner import OnlineLearner, StepResult
 from liverec.trainer.metrics import TrainerMetrics
+from liverec.trainer.publish import ParamPublisher
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class TrainerWorker:
                                                    "applied": self.counters.applied})
         self._events_since_checkpoint = 0
         self._last_checkpoint_time = time.monotonic()
+        self._last_publish_time = 0.0
+        self._last_event_time_ms = 0
         self._last_lag_time = 0.0
         self.metrics_port: int | None = None
         # Cumulative wall seconds per stage (consume, decode, history, prequential, store,
@@ -166,6 +169,7 @@ class TrainerWorker:
             else:
                 self.consumer.seek_to_beginning(tp)
         self.dlq = DeadLetterQueue(make_producer(config.kafka), config.topics.dlq, self.metrics)
+        self.publisher = ParamPublisher(make_producer(config.kafka), config.topics.params, config.model)
 
     def _log_ends(self) -> dict[int, int] | None:
         """Each partition's log end offset, from the high watermark of the latest fetch responses.
@@ -287,6 +291,7 @@ class TrainerWorker:
         m.applied.inc(len(batch))
         if result is not None:
             self._record(result)
+            self._last_event_time_ms = max(self._last_event_time_ms, int(batch.event_time_ms.max()))
         if before // tc.expire_every_events != self.counters.applied // tc.expire_every_events and len(batch):
             self.store.expire(int(batch.event_time_ms.max()) // 1000)
         self._events_since_checkpoint += len(records)
@@ -302,6 +307,15 @@ class TrainerWorker:
                 m.store_gauge.labels(table=name, stat=stat).set(getattr(stats, stat))
         if self._events_since_checkpoint >= tc.checkpoint_every_events:
             self.checkpoint()
+        if time.monotonic() - self._last_publish_time >= tc.publish_every_s:
+            self.publish()
+
+    def publish(self) -> None:
+        """Send the parameters changed since the last publish to serving (see publish.py)."""
+        start = time.perf_counter()
+        self.publisher.publish(self.store, self.learner.model, self.learner.version, self._last_event_time_ms)
+        self._last_publish_time = time.monotonic()
+        self.stage_seconds["publish"] = self.stage_seconds.get("publish", 0.0) + time.perf_counter() - start
 
     def _dead_letter(self, rejected: list[Rejected]) -> None:
         if not rejected:
@@ -336,7 +350,10 @@ class TrainerWorker:
         try:
             if self._events_since_checkpoint:
                 self.checkpoint()
+            if self.learner.version:
+                self.publish()
         finally:
+            self.publisher.producer.close()
             self.dlq.producer.close()
             self.consumer.close()
             self.history.close()

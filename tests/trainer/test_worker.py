@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import random
 import signal
 import subprocess
@@ -17,13 +15,12 @@ import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
 
-from liverec.model.config import EncoderConfig, ModelConfig
-from liverec.platform.config import LiverecConfig
 from liverec.platform.datasets import load_dataset
 from liverec.platform.events import MIN_EVENT_TIME_MS, encode_event
 from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
-from liverec.platform.replay import rebase_times, replay
+from liverec.platform.replay import rebase_times
 from liverec.trainer.worker import TrainerWorker, state_digest
+from tests.trainer.conftest import log_ends, publish_ml100k, small
 from liverec.v1 import events_pb2
 
 # A small model keeps the suite fast; recovery does not depend on the model's size.
@@ -34,24 +31,6 @@ SMALL_MODEL = {"LIVEREC_MODEL__ENCODER__DIM": "16", "LIVEREC_MODEL__ENCODER__LAY
                "LIVEREC_TRAINER__ITEM_TTL_S": str(30 * 24 * 3600)}
 RECOVERY_EVENTS = 3000
 KILLS = 5
-
-
-def small(config: LiverecConfig, state_dir: Path, **trainer: object) -> LiverecConfig:
-    model = ModelConfig(encoder=EncoderConfig(dim=16, layers=1, heads=1, max_len=10))
-    tc = dataclasses.replace(config.trainer, state_dir=str(state_dir), negatives=32, batch_events=64,
-                             checkpoint_every_events=256, expire_every_events=500, metrics_port=0,
-                             item_ttl_s=30 * 24 * 3600, **trainer)
-    return dataclasses.replace(config, model=model, trainer=tc)
-
-
-def publish_ml100k(config: LiverecConfig, ml100k: Path, n: int) -> None:
-    ensure_topics(config.kafka, config.topics)
-    table, _ = rebase_times(load_dataset(str(ml100k)).table)
-    producer = make_producer(config.kafka)
-    try:
-        replay(table, producer, config.topics.events, limit=n)
-    finally:
-        producer.close()
 
 
 def train_cmd(state_dir: Path, *extra: str) -> list[str]:
@@ -119,27 +98,6 @@ def test_default_mode_applies_every_event_exactly_once_across_kills(config, cli_
     restored = TrainerWorker(small(config, tmp_path / "state"))
     stored = {user: len(h) for user, h in restored.history.items()}
     assert stored == {int(u): int(min(c, 10)) for u, c in zip(users, counts)}
-
-
-def log_ends(config: LiverecConfig) -> dict[int, int]:
-    """Per partition, one past the last offset, read from the log itself (Tansu's ListOffsets
-    reports the base offset of the last record batch instead, see TrainerWorker._log_ends)."""
-    from kafka import TopicPartition
-
-    consumer = make_consumer(config.kafka, group_id=None)
-    tps = [TopicPartition(config.topics.events, p) for p in range(config.topics.partitions)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    ends = {tp.partition: 0 for tp in tps}
-    idle_since = time.monotonic()
-    try:
-        while time.monotonic() - idle_since < 2:
-            for tp, records in consumer.poll(timeout_ms=200).items():
-                ends[tp.partition] = records[-1].offset + 1
-                idle_since = time.monotonic()
-    finally:
-        consumer.close()
-    return ends
 
 
 def bad_records() -> dict[str, list[bytes]]:

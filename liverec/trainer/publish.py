@@ -1,0 +1,91 @@
+"""Publish parameters to serving: changed item rows, versioned dense weights, then a commit.
+
+Sparse rows go out as deltas (only rows changed or removed since the last publish, from the
+store's change log), so parameter sync costs what training touched, not the table's size. The
+first publish after start is a full snapshot: a restarted trainer cannot know which of its
+rows a replica already has. Dense weights are small and go out whole, chunked under Kafka's
+message-size limit. The commit record is written last; replicas swap a version in only when its
+commit arrives (see proto/liverec/v1/params.proto).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+
+import numpy as np
+import torch
+from kafka import KafkaProducer
+from torch import nn
+
+from liverec.embedding_store.store import EmbeddingStore
+from liverec.model.config import ModelConfig
+from liverec.v1 import params_pb2
+
+DENSE_CHUNK_BYTES = 512 * 1024
+COMMIT_KEY = b"commit"
+
+
+def item_key(table: str, key: int) -> bytes:
+    return f"item/{table}/{key}".encode()
+
+
+def dense_key(part: int) -> bytes:
+    return f"dense/{part}".encode()
+
+
+def dense_bytes(model: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    return buffer.getvalue()
+
+
+class ParamPublisher:
+    def __init__(self, producer: KafkaProducer, topic: str, model_config: ModelConfig) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.model_config_json = json.dumps(dataclasses.asdict(model_config), sort_keys=True)
+        self._published_once = False
+
+    def publish(self, store: EmbeddingStore, model: nn.Module, version: int, event_time_ms: int) -> int:
+        """Send the rows changed since the last publish, the dense weights and a commit; returns rows sent."""
+        full = not self._published_once
+        rows = 0
+        for name, table in store.tables.items():
+            if full:
+                keys, weights = store.table_items(name)
+                removed = torch.zeros(0, dtype=torch.int64)
+            else:
+                delta = store.export_delta(mark=False)[name]
+                keys, weights, removed = delta.keys, delta.weights, delta.removed
+            counts = store.frequency(name, keys) if len(keys) else torch.zeros(0, dtype=torch.int64)
+            rows += self._send_rows(name, keys, weights, counts, store.version)
+            for key in removed.tolist():
+                self.producer.send(self.topic, key=item_key(name, key), value=None)
+            rows += len(removed)
+        store.mark()
+        blob = dense_bytes(model)
+        parts = max(1, -(-len(blob) // DENSE_CHUNK_BYTES))
+        for part in range(parts):
+            chunk = params_pb2.DenseChunk(version=version, part=part, parts=parts,
+                                          data=blob[part * DENSE_CHUNK_BYTES:(part + 1) * DENSE_CHUNK_BYTES])
+            self.producer.send(self.topic, key=dense_key(part), value=chunk.SerializeToString())
+        commit = params_pb2.ParamsCommit(version=version, dense_version=version, dense_parts=parts,
+                                         dense_sha256=hashlib.sha256(blob).digest(),
+                                         model_config_json=self.model_config_json,
+                                         event_time_ms=event_time_ms, rows=rows)
+        self.producer.send(self.topic, key=COMMIT_KEY, value=commit.SerializeToString())
+        self._published_once = True
+        return rows
+
+    def _send_rows(self, table: str, keys: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                   version: int) -> int:
+        w = weights.detach().to("cpu", torch.float32).numpy().astype("<f4", copy=False)
+        dim = w.shape[1] if w.ndim == 2 else 0
+        row = params_pb2.ItemRow(table=table, version=version, dim=dim)
+        for key, vec, count in zip(keys.tolist(), w, counts.tolist()):
+            row.key, row.weights, row.count = key, np.ascontiguousarray(vec).tobytes(), count
+            self.producer.send(self.topic, key=item_key(table, key), value=row.SerializeToString())
+        return len(keys)
