@@ -152,6 +152,38 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """A serving replica. Requests queue for at most `max_wait_ms` to form batches of up to
+    `max_batch`; beyond `max_queue` waiting requests new ones are refused (RESOURCE_EXHAUSTED)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    max_queue: int = 1024
+    max_k: int = 1000
+    max_candidates: int = 10_000
+    ready_max_lag: int = 1000  # records behind the changelog ends before health reports SERVING
+    state_dir: str = "runs/serving"
+    group_id: str = "liverec-serving"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9401
+    drain_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 "serving.device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        for name in ("max_batch", "max_queue", "max_k", "max_candidates"):
+            _require(getattr(self, name) >= 1, f"serving.{name}", "must be >= 1")
+        _require(self.max_wait_ms >= 0, "serving.max_wait_ms", "must be >= 0")
+        _require(self.ready_max_lag >= 0, "serving.ready_max_lag", "must be >= 0")
+        _require(0 <= self.port < 65536, "serving.port", "must be a port (0: any free)")
+        _require(-1 <= self.metrics_port < 65536, "serving.metrics_port", "must be a port (0: any free, -1: none)")
+        _require(self.drain_s >= 0, "serving.drain_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class LiverecConfig:
     """The whole configuration of a liverec process; sections are validated independently."""
 
@@ -159,6 +191,7 @@ class LiverecConfig:
     topics: TopicsConfig = field(default_factory=TopicsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data_dir: str = "../shared/data"
 
