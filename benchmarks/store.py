@@ -21,7 +21,11 @@ of what differs — finding, admitting and retiring keys. Measured:
 - checkpoint: incremental (1% of rows dirty) against full, on a 10M-row table (1M with --quick).
 
 The machine's load average is recorded: on a shared 2-core box, other processes move the
-numbers, and parallel (OpenMP) kernels suffer most from oversubscription.
+numbers. OpenMP's default wait policy makes idle worker threads spin; when other processes hold
+the cores, every parallel torch op then waits on a descheduled spinner, and a 30 ms training step
+took over a second here (load 8). So unless OMP_WAIT_POLICY is already set, the benchmark re-runs
+itself in a child process with OMP_WAIT_POLICY=PASSIVE (all three systems alike; recorded in the
+results). On a dedicated machine, set OMP_WAIT_POLICY=ACTIVE to measure the spinning default.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,8 +68,8 @@ class Plan:
     eval_repeats: int
 
 
-FULL = Plan(batches=64, universe=3_000_000, exponent=0.9, checkpoint_rows=10_000_000, eval_repeats=3)
-QUICK = Plan(batches=20, universe=3_000_000, exponent=0.9, checkpoint_rows=1_000_000, eval_repeats=2)
+FULL = Plan(batches=64, universe=3_000_000, exponent=0.9, checkpoint_rows=10_000_000, eval_repeats=5)
+QUICK = Plan(batches=20, universe=3_000_000, exponent=0.9, checkpoint_rows=1_000_000, eval_repeats=3)
 
 
 # --------------------------------------------------------------------------- the stream
@@ -323,6 +328,7 @@ def run(plan: Plan, quick: bool, log: Any) -> dict[str, Any]:
         "machine": {"node": platform.node(), "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_threads": torch.get_num_threads(),
         "quick": quick,
         "stream": {"batches": plan.batches, "batch": BATCH, "keys": all_keys.numel(), "distinct_keys": distinct,
                    "zipf_exponent": plan.exponent, "universe": plan.universe, "dim": DIM},
@@ -350,7 +356,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"store benchmark  {result['date']}  {result['machine']['node']} ({result['machine']['cpus']} CPUs, "
         f"load {result['machine']['loadavg_start'][0]:.1f}->{result['machine']['loadavg_end'][0]:.1f})  "
-        f"torch {result['versions']['torch']}{'  [quick]' if result['quick'] else ''}",
+        f"torch {result['versions']['torch']}, OMP_WAIT_POLICY={result['omp_wait_policy']}"
+        f"{'  [quick]' if result['quick'] else ''}",
         f"stream: {s['keys']:,} keys, {s['distinct_keys']:,} distinct, zipf {s['zipf_exponent']}, batch {s['batch']:,}, dim {s['dim']}",
         "",
         f"{'M keys/s':<14}{'eval index':>12}{'eval embed':>12}{'train index':>13}{'train full':>12}",
@@ -384,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="where to write the results (default benchmarks/results/store.json, store-quick.json with --quick)")
     args = parser.parse_args(argv)
+    if "OMP_WAIT_POLICY" not in os.environ:
+        child = [sys.executable, "-m", "benchmarks.store", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.call(child, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     log = sys.stderr if args.json else sys.stdout
     result = run(QUICK if args.quick else FULL, args.quick, log)
     output = args.output or RESULTS / ("store-quick.json" if args.quick else "store.json")
