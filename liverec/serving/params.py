@@ -62,6 +62,7 @@ class ParamsMaterializer:
     def __init__(self) -> None:
         self._staging = _Staging()
         self._committed: ParamsVersion | None = None
+        self.dense_blob = b""  # the serialized dense weights of the committed version
         self._lock = threading.Lock()
 
     @property
@@ -103,4 +104,5 @@ class ParamsMaterializer:
         )
         with self._lock:
             self._committed = version
+            self.dense_blob = blob
         return version

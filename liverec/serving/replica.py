@@ -1,0 +1,223 @@
+"""A serving replica's local copy of `liverec.params` and `liverec.user-state`.
+
+A background thread consumes both changelog topics and materialises them into the replica's own
+RocksDB (column families `state`, `rows`, `meta`) and into an in-memory `ModelSnapshot` on the
+device. Offsets are stored with the data they cover, in the same atomic write batch, so a
+restarted replica resumes exactly where it stopped and answers as before for unchanged users.
+
+Parameters: a commit record completes a version (see params.proto); the committed rows, dense
+weights and the params offset are persisted together, then the snapshot is rebuilt and swapped
+in with one assignment. User state: the latest record per user is kept; decoding happens per
+request, so a corrupt record costs one miss, never the replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from kafka import TopicPartition
+from rocksdict import Options, Rdict, WriteBatch
+
+from liverec.platform.config import LiverecConfig
+from liverec.platform.kafka import make_consumer
+from liverec.serving.backend import ModelSnapshot, UserState
+from liverec.serving.params import ParamsMaterializer, ParamsVersion
+from liverec.v1 import params_pb2
+
+log = logging.getLogger(__name__)
+
+StateDecoder = Callable[[list[bytes], ModelSnapshot], list[UserState | None]]
+
+_CF_STATE, _CF_ROWS, _CF_META = "state", "rows", "meta"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def user_key(user_id: int) -> bytes:
+    return int(user_id).to_bytes(8, "big", signed=True)
+
+
+def _offset_key(topic: str, partition: int) -> bytes:
+    return f"offset/{topic}/{partition}".encode()
+
+
+class Replica:
+    def __init__(self, config: LiverecConfig, decode_states: StateDecoder) -> None:
+        self.config = config
+        self.device = resolve_device(config.serving.device)
+        self.decode_states = decode_states
+        path = Path(config.serving.state_dir) / "replica"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        options.create_missing_column_families(True)
+        self._db = Rdict(str(path), options, column_families={_CF_STATE: options, _CF_ROWS: options,
+                                                              _CF_META: options})
+        self._state = self._db.get_column_family(_CF_STATE)
+        self._meta = self._db.get_column_family(_CF_META)
+        self._rows = self._db.get_column_family(_CF_ROWS)
+        self.materializer = ParamsMaterializer()
+        self._snapshot: ModelSnapshot | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lag: dict[tuple[str, int], int] = {}
+        self.on_snapshot: Callable[[ModelSnapshot], None] | None = None
+        self._load_committed()
+
+    # -- what the service reads -------------------------------------------------------------------
+
+    def snapshot(self) -> ModelSnapshot | None:
+        return self._snapshot
+
+    def states(self, user_ids: list[int], snapshot: ModelSnapshot) -> list[UserState | None]:
+        raws = self._state.get([user_key(u) for u in user_ids])
+        present = [i for i, raw in enumerate(raws) if raw is not None]
+        decoded = self.decode_states([raws[i] for i in present], snapshot) if present else []
+        out: list[UserState | None] = [None] * len(user_ids)
+        for i, state in zip(present, decoded):
+            out[i] = state
+        return out
+
+    def ready(self) -> bool:
+        """A snapshot exists and every partition is within `ready_max_lag` records of its end."""
+        if self._snapshot is None or not self._lag:
+            return False
+        return max(self._lag.values()) <= self.config.serving.ready_max_lag
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        return dict(self._lag)
+
+    # -- persistence -----------------------------------------------------------------------------------
+
+    def _stored_offset(self, topic: str, partition: int) -> int | None:
+        raw = self._meta.get(_offset_key(topic, partition))
+        return None if raw is None else int(raw)
+
+    def _load_committed(self) -> None:
+        """Rebuild the last committed parameter version from RocksDB (after a restart)."""
+        commit_raw = self._meta.get(b"commit")
+        dense = self._meta.get(b"dense")
+        if commit_raw is None or dense is None:
+            return
+        commit = params_pb2.ParamsCommit.FromString(commit_raw)
+        self.materializer.apply(b"dense/0", params_pb2.DenseChunk(version=commit.dense_version, part=0, parts=1,
+                                                                   data=dense).SerializeToString())
+        for key, value in self._rows.items():
+            self.materializer.apply(key, value)
+        restored = params_pb2.ParamsCommit()
+        restored.CopyFrom(commit)
+        restored.dense_parts = 1
+        self._install(self.materializer.apply(b"commit", restored.SerializeToString()))
+
+    def _install(self, version: ParamsVersion | None) -> None:
+        if version is None:
+            return
+        snapshot = ModelSnapshot.build(version, self.device)
+        self._snapshot = snapshot
+        if self.on_snapshot is not None:
+            self.on_snapshot(snapshot)
+        log.info("parameters swapped in", extra={"version": version.version, "items": len(snapshot.item_keys)})
+
+    # -- consuming -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="replica", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for family in (self._state, self._meta, self._rows):  # each handle holds the DB open
+            family.close()
+        self._db.close()
+
+    def _run(self) -> None:
+        topics = self.config.topics
+        consumer = make_consumer(self.config.kafka, group_id=None)
+        try:
+            tps = self._assign(consumer, [topics.params, topics.user_state])
+            pending_rows: dict[bytes, bytes | None] = {}
+            while not self._stop.is_set():
+                polled = consumer.poll(timeout_ms=100)
+                for tp, records in sorted(polled.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
+                    if tp.topic == topics.params:
+                        self._apply_params(records, pending_rows)
+                    else:
+                        self._apply_states(tp, records)
+                self._update_lag(consumer, tps)
+        except Exception:
+            log.exception("replica consumer failed")
+            raise
+        finally:
+            consumer.close()
+
+    def _assign(self, consumer, topics: list[str]) -> list[TopicPartition]:
+        tps = []
+        deadline = time.monotonic() + 30
+        for topic in topics:
+            parts = consumer.partitions_for_topic(topic)
+            while not parts and time.monotonic() < deadline:
+                time.sleep(0.2)
+                parts = consumer.partitions_for_topic(topic)
+            tps += [TopicPartition(topic, p) for p in sorted(parts or ())]
+        consumer.assign(tps)
+        for tp in tps:
+            stored = self._stored_offset(tp.topic, tp.partition)
+            if stored is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, stored)
+        return tps
+
+    def _apply_params(self, records: list, pending_rows: dict[bytes, bytes | None]) -> None:
+        for rec in records:
+            version = self.materializer.apply(rec.key, rec.value)
+            if rec.key.startswith(b"item/"):
+                pending_rows[rec.key] = rec.value
+            if version is None:
+                continue
+            # A complete version: persist its rows, dense weights, commit and offset atomically.
+            batch = WriteBatch(raw_mode=True)
+            for key, value in pending_rows.items():
+                if value is None:
+                    batch.delete(key, self._db.get_column_family_handle(_CF_ROWS))
+                else:
+                    batch.put(key, value, self._db.get_column_family_handle(_CF_ROWS))
+            meta = self._db.get_column_family_handle(_CF_META)
+            batch.put(b"dense", self.materializer.dense_blob, meta)
+            batch.put(b"commit", rec.value, meta)
+            batch.put(_offset_key(rec.topic, rec.partition), str(rec.offset + 1).encode(), meta)
+            self._db.write(batch)
+            pending_rows.clear()
+            self._install(version)
+
+    def _apply_states(self, tp: TopicPartition, records: list) -> None:
+        batch = WriteBatch(raw_mode=True)
+        state = self._db.get_column_family_handle(_CF_STATE)
+        for rec in records:
+            key = user_key(int(rec.key))  # the topic is keyed by decimal user id, like the events
+            if rec.value is None:
+                batch.delete(key, state)
+            else:
+                batch.put(key, rec.value, state)
+        batch.put(_offset_key(tp.topic, tp.partition), str(records[-1].offset + 1).encode(),
+                  self._db.get_column_family_handle(_CF_META))
+        self._db.write(batch)
+
+    def _update_lag(self, consumer, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            end = consumer.highwater(tp)
+            if end is None:
+                continue
+            self._lag[(tp.topic, tp.partition)] = max(0, end - consumer.position(tp))
+
