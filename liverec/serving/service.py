@@ -1,0 +1,424 @@
+"""The gRPC face of a serving replica: `liverec.v1.Recommender`, health, reflection, batching.
+
+Each Recommend call is validated on its handler thread, then queued; one worker thread takes
+batches of up to `max_batch` requests (waiting at most `max_wait_ms` after the oldest one
+arrived to fill a batch) and scores each batch with one backend call against one model
+snapshot, read once per batch so that no response mixes two parameter versions. Handler
+threads wait for their own answer until their deadline. Beyond `max_queue` waiting requests a
+call is refused at once with RESOURCE_EXHAUSTED: queueing it would only add latency the caller
+cannot see coming.
+
+Health (grpc.health.v1) reports NOT_SERVING for "" and "liverec.v1.Recommender" until the
+backend says it is ready (it has a model and is caught up), and again from the start of a drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Protocol
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from liverec.platform.config import ServingConfig
+from liverec.serving.backend import Answer, ModelSnapshot, Query
+from liverec.v1 import recommender_pb2, recommender_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+READY_POLL_S = 0.1  # how often health re-reads backend.ready()
+THREAD_HEADROOM = 16  # handler threads beyond queue + batch: health, reflection, refusals
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Backend(Protocol):
+    """What the service needs from a replica: the current model, scoring, and readiness."""
+
+    def snapshot(self) -> ModelSnapshot | None: ...
+
+    def recommend(self, snapshot: ModelSnapshot, queries: list[Query]) -> list[Answer]: ...
+
+    def ready(self) -> bool: ...
+
+
+class RpcFailure(Exception):
+    """A request's outcome other than OK: the status code and message its caller gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ServingMetrics:
+    """The service's Prometheus metrics; the replica adds its own to the same registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram("liverec_serving_request_seconds",
+                                         "Server-side latency of an RPC, by method and status code.",
+                                         ["method", "code"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("liverec_serving_requests", "RPCs finished, by method and status code.",
+                                ["method", "code"], registry=r)
+        self.batch_size = Histogram("liverec_serving_batch_size", "Requests scored together in one backend call.",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("liverec_serving_queue_depth", "Requests waiting to be batched.", registry=r)
+        self.cold_start = Counter("liverec_serving_cold_start", "Recommend answers for users without state.",
+                                  registry=r)
+
+    def finished(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.request_seconds.labels(method, code.name).observe(seconds)
+        self.requests.labels(method, code.name).inc()
+
+
+@dataclass(eq=False)
+class Pending:
+    """One queued request; exactly one of answer / failure / abandonment settles it."""
+
+    query: Query
+    deadline: float  # time.monotonic() after which the caller no longer waits
+    enqueued: float = field(default_factory=time.monotonic)
+    answer: Answer | None = None
+    failure: RpcFailure | None = None
+    abandoned: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _settle(self, answer: Answer | None, failure: RpcFailure | None, abandoned: bool) -> None:
+        with self._lock:
+            if self.done.is_set():
+                return
+            self.answer, self.failure, self.abandoned = answer, failure, abandoned
+            self.done.set()
+
+    def resolve(self, answer: Answer) -> None:
+        self._settle(answer, None, False)
+
+    def fail(self, failure: RpcFailure) -> None:
+        self._settle(None, failure, False)
+
+    def abandon(self) -> None:
+        """The RPC ended (deadline, cancellation) before an answer: the worker skips it."""
+        self._settle(None, None, True)
+
+    def expired(self, now: float) -> bool:
+        return self.abandoned or now >= self.deadline
+
+
+class Batcher:
+    """A bounded queue of requests and the single worker thread that scores them in batches."""
+
+    def __init__(self, backend: Backend, config: ServingConfig, metrics: ServingMetrics) -> None:
+        self._backend = backend
+        self._max_batch = config.max_batch
+        self._max_wait_s = config.max_wait_ms / 1000.0
+        self._max_queue = config.max_queue
+        self._metrics = metrics
+        self._queue: deque[Pending] = deque()
+        self._cond = threading.Condition()
+        self._draining = False
+        self._stopping = False
+        self._worker = threading.Thread(target=self._run, name="liverec-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def submit(self, query: Query, deadline: float) -> Pending:
+        """Queue a request, or refuse it now (queue full, or draining)."""
+        pending = Pending(query, deadline)
+        with self._cond:
+            if self._draining:
+                raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "replica is draining; retry on another replica")
+            if len(self._queue) >= self._max_queue:
+                raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"request queue full ({self._max_queue} waiting); retry later")
+            self._queue.append(pending)
+            self._metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+        return pending
+
+    def drain(self) -> None:
+        """Refuse new requests; those already queued are still scored."""
+        with self._cond:
+            self._draining = True
+
+    def stop(self) -> None:
+        """Score what is still queued, then end the worker."""
+        with self._cond:
+            self._draining = self._stopping = True
+            self._cond.notify()
+        if self._worker.is_alive():
+            self._worker.join()
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            self._score(batch)
+
+    def _take(self) -> list[Pending] | None:
+        """The next batch: wait for a first request, then up to max_wait after it arrived for more."""
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            fill_by = self._queue[0].enqueued + self._max_wait_s
+            while len(self._queue) < self._max_batch and not self._stopping:
+                left = fill_by - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+            self._metrics.queue_depth.set(len(self._queue))
+        return batch
+
+    def _score(self, batch: list[Pending]) -> None:
+        """Score the live requests of a batch against one snapshot; expired ones are never scored."""
+        now = time.monotonic()
+        live = [p for p in batch if not p.expired(now)]
+        for p in batch:
+            if p.expired(now):
+                p.fail(RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued"))
+        if not live:
+            return
+        self._metrics.batch_size.observe(len(live))
+        try:
+            snapshot = self._backend.snapshot()  # once per batch: one version for every answer in it
+            if snapshot is None:
+                failure = RpcFailure(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
+                for p in live:
+                    p.fail(failure)
+                return
+            answers = self._backend.recommend(snapshot, [p.query for p in live])
+            if len(answers) != len(live):
+                raise RuntimeError(f"backend returned {len(answers)} answers for {len(live)} queries")
+        except Exception as exc:
+            log.exception("scoring a batch of %d requests failed", len(live))
+            failure = RpcFailure(grpc.StatusCode.INTERNAL, f"scoring failed: {type(exc).__name__}: {exc}")
+            for p in live:
+                p.fail(failure)
+            return
+        for p, answer in zip(live, answers):
+            p.resolve(answer)
+
+
+def _ids(values: object, name: str, limit: int) -> np.ndarray:
+    """A repeated id field as int64, refused when too long or not all positive."""
+    ids = np.asarray(values, dtype=np.int64)
+    if len(ids) > limit:
+        raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"at most {limit} {name} allowed, got {len(ids)}")
+    bad = ids[ids <= 0]
+    if len(bad):
+        raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be > 0, got {int(bad[0])}")
+    return ids
+
+
+def query_from_request(request: recommender_pb2.RecommendRequest, config: ServingConfig) -> Query:
+    """Validate a request against the documented rules (INVALID_ARGUMENT) and build its Query."""
+    if request.user_id <= 0:
+        raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"user_id must be > 0, got {request.user_id}")
+    if not 1 <= request.k <= config.max_k:
+        raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"k must be in 1..{config.max_k}, got {request.k}")
+    candidates = _ids(request.candidate_item_ids, "candidate_item_ids", config.max_candidates)
+    unique, counts = np.unique(candidates, return_counts=True)
+    if len(unique) < len(candidates):
+        raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"candidate_item_ids must be distinct; {int(unique[counts > 1][0])} repeats")
+    exclude = _ids(request.exclude_item_ids, "exclude_item_ids", config.max_candidates)
+    return Query(request.user_id, request.k, candidates if len(candidates) else None,
+                 exclude if len(exclude) else None, request.exclude_seen)
+
+
+def response_from_answer(answer: Answer) -> recommender_pb2.RecommendResponse:
+    items = [recommender_pb2.ScoredItem(item_id=i, score=s)
+             for i, s in zip(answer.items.tolist(), answer.scores.tolist())]
+    return recommender_pb2.RecommendResponse(items=items, model_version=answer.model_version,
+                                             state_version=answer.state_version,
+                                             staleness_ms=answer.staleness_ms, cold_start=answer.cold_start)
+
+
+class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
+    """liverec.v1.Recommender: validate, queue for the batcher, wait for the answer until the deadline."""
+
+    def __init__(self, batcher: Batcher, config: ServingConfig, metrics: ServingMetrics) -> None:
+        self._batcher = batcher
+        self._config = config
+        self._metrics = metrics
+
+    def Recommend(self, request: recommender_pb2.RecommendRequest,  # noqa: N802 (gRPC method name)
+                  context: grpc.ServicerContext) -> recommender_pb2.RecommendResponse:
+        started = time.perf_counter()
+        try:
+            response = self._recommend(request, context)
+        except RpcFailure as failure:
+            self._metrics.finished("Recommend", failure.code, time.perf_counter() - started)
+            context.abort(failure.code, failure.message)
+        self._metrics.finished("Recommend", grpc.StatusCode.OK, time.perf_counter() - started)
+        if response.cold_start:
+            self._metrics.cold_start.inc()
+        return response
+
+    def _recommend(self, request: recommender_pb2.RecommendRequest,
+                   context: grpc.ServicerContext) -> recommender_pb2.RecommendResponse:
+        try:
+            query = query_from_request(request, self._config)
+            remaining = min(context.time_remaining(), threading.TIMEOUT_MAX)
+            pending = self._batcher.submit(query, time.monotonic() + remaining)
+            if not context.add_callback(pending.abandon):  # the RPC already ended
+                pending.abandon()
+            if not pending.done.wait(remaining):
+                pending.abandon()
+            if pending.failure is not None:
+                raise pending.failure
+            if pending.answer is None:
+                if context.time_remaining() <= 0:
+                    raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was scored")
+                raise RpcFailure(grpc.StatusCode.CANCELLED, "cancelled by the caller")
+            return response_from_answer(pending.answer)
+        except RpcFailure:
+            raise
+        except Exception as exc:
+            log.exception("Recommend failed")
+            raise RpcFailure(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
+
+
+class RecommenderServer(grpc.Server):
+    """The gRPC server and what shares its lifetime: the batcher, the health updater, /metrics.
+
+    `stop(grace)` drains: new Recommend calls are refused (UNAVAILABLE) and health turns
+    NOT_SERVING at once, while calls already queued or being scored get up to `grace` seconds
+    to finish; then the batcher and the metrics endpoint stop. `grace=None` keeps gRPC's meaning
+    (abort in-flight calls now).
+    """
+
+    def __init__(self, server: grpc.Server, batcher: Batcher, backend: Backend, health_servicer: health.HealthServicer,
+                 metrics: ServingMetrics, metrics_http: WSGIServer | None, drain_s: float) -> None:
+        self._server = server
+        self._batcher = batcher
+        self._backend = backend
+        self._health = health_servicer
+        self._metrics_http = metrics_http
+        self.metrics = metrics
+        self.registry = metrics.registry
+        self.metrics_port = metrics_http.server_address[1] if metrics_http is not None else None
+        self.drain_s = drain_s
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_ready, name="liverec-health", daemon=True)
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers):  # type: ignore[no-untyped-def]
+        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name, method_handlers):  # type: ignore[no-untyped-def]
+        self._server.add_registered_method_handlers(service_name, method_handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self._server.add_secure_port(address, server_credentials)
+
+    def start(self) -> None:
+        self._batcher.start()
+        self._watcher.start()
+        self._server.start()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Drain (see the class docstring); the returned event is set once everything has stopped."""
+        self._batcher.drain()
+        self._stopping.set()
+        self._health.enter_graceful_shutdown()
+        grpc_stopped = self._server.stop(grace)
+        done = threading.Event()
+
+        def finish() -> None:
+            grpc_stopped.wait()
+            self._batcher.stop()
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
+            done.set()
+
+        threading.Thread(target=finish, name="liverec-drain", daemon=True).start()
+        return done
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+    def _watch_ready(self) -> None:
+        """Mirror backend.ready() into health until the drain starts (which fixes NOT_SERVING)."""
+        serving = False
+        while True:
+            try:
+                ready = bool(self._backend.ready())
+            except Exception:
+                log.exception("backend.ready() failed; reporting NOT_SERVING")
+                ready = False
+            if ready != serving:
+                serving = ready
+                _set_health(self._health, ready)
+                log.info("health: %s", "SERVING" if ready else "NOT_SERVING")
+            if self._stopping.wait(READY_POLL_S):
+                return
+
+
+def _set_health(servicer: health.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):  # "" is the whole server, by the health-checking convention
+        servicer.set(name, status)
+
+
+def build_server(config: ServingConfig, backend: Backend,
+                 registry: CollectorRegistry | None = None) -> tuple[RecommenderServer, int]:
+    """A server bound to config.host:config.port (port 0: a free one), not yet started.
+
+    Health starts NOT_SERVING; /metrics is served on config.metrics_host:metrics_port from now
+    on unless metrics_port is -1. The thread pool covers every request that may be waiting
+    (queued or in a batch) plus headroom, so that a full queue is answered RESOURCE_EXHAUSTED
+    rather than left waiting for a thread.
+    """
+    metrics = ServingMetrics(registry)
+    batcher = Batcher(backend, config, metrics)
+    pool = futures.ThreadPoolExecutor(max_workers=config.max_queue + config.max_batch + THREAD_HEADROOM,
+                                      thread_name_prefix="liverec-grpc")
+    server = grpc.server(pool)
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderService(batcher, config, metrics), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    _set_health(health_servicer, False)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind gRPC on {config.host}:{config.port}")
+    metrics_http = None
+    if config.metrics_port >= 0:
+        metrics_http = start_http_server(config.metrics_port, addr=config.metrics_host, registry=metrics.registry)[0]
+    return RecommenderServer(server, batcher, backend, health_servicer, metrics, metrics_http, config.drain_s), port
+
+
+def serve_until_signalled(server: RecommenderServer) -> None:
+    """Block until SIGTERM or SIGINT, then drain for up to server.drain_s (main thread only).
+
+    The previous signal handlers are restored on return, so a caller can go on shutting down
+    the rest of the replica with its usual handling.
+    """
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop.wait()
+        log.info("draining for up to %.1f s", server.drain_s)
+        server.stop(server.drain_s).wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
