@@ -15,6 +15,9 @@ full scoring), `mark`/`export_delta` (parameter deltas to serving), `stats` (met
 `version` counts mutating calls; it is saved in checkpoints and stamped on deltas, so serving
 can tell which training state a delta brings it to. `last_checkpoint` is the directory of the
 checkpoint this store last wrote or was restored from: the parent of its next incremental.
+
+Not thread-safe: one thread (the trainer's) calls into a store; other consumers get snapshots
+(`table_items`, `export_delta`, checkpoints).
 """
 
 from __future__ import annotations
