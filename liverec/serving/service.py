@@ -37,6 +37,7 @@ from liverec.v1 import recommender_pb2, recommender_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+DEADLINE_SLACK_S = 0.25  # see Pending.cancel
 READY_POLL_S = 0.1  # how often health re-reads backend.ready()
 THREAD_HEADROOM = 16  # handler threads beyond queue + batch: health, reflection, refusals
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -86,36 +87,47 @@ class ServingMetrics:
 
 @dataclass(eq=False)
 class Pending:
-    """One queued request; exactly one of answer / failure / abandonment settles it."""
+    """One queued request; the first answer or failure settles it, later ones are ignored."""
 
     query: Query
-    deadline: float  # time.monotonic() after which the caller no longer waits
+    deadline: float  # time.monotonic() at which the caller's deadline passes
     enqueued: float = field(default_factory=time.monotonic)
     answer: Answer | None = None
     failure: RpcFailure | None = None
-    abandoned: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _settle(self, answer: Answer | None, failure: RpcFailure | None, abandoned: bool) -> None:
+    def _settle(self, answer: Answer | None, failure: RpcFailure | None) -> None:
         with self._lock:
-            if self.done.is_set():
-                return
-            self.answer, self.failure, self.abandoned = answer, failure, abandoned
-            self.done.set()
+            if not self.done.is_set():
+                self.answer, self.failure = answer, failure
+                self.done.set()
 
     def resolve(self, answer: Answer) -> None:
-        self._settle(answer, None, False)
+        self._settle(answer, None)
 
     def fail(self, failure: RpcFailure) -> None:
-        self._settle(None, failure, False)
+        self._settle(None, failure)
 
-    def abandon(self) -> None:
-        """The RPC ended (deadline, cancellation) before an answer: the worker skips it."""
-        self._settle(None, None, True)
+    def cancel(self) -> None:
+        """gRPC's callback when the RPC ends; settles a request that is still unanswered.
 
-    def expired(self, now: float) -> bool:
-        return self.abandoned or now >= self.deadline
+        A caller's deadline fires on its side first (by the request's transit time), and reaches
+        us as a cancellation: one that leaves less than DEADLINE_SLACK_S of our deadline counts
+        as DEADLINE_EXCEEDED, an earlier one as CANCELLED.
+        """
+        if self.deadline - time.monotonic() <= DEADLINE_SLACK_S:
+            self.fail(RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed while queued"))
+        else:
+            self.fail(RpcFailure(grpc.StatusCode.CANCELLED, "cancelled by the caller while queued"))
+
+    def result(self, timeout: float) -> Answer:
+        """Wait for the answer until the deadline; raises the request's failure instead."""
+        if not self.done.wait(timeout):
+            self.fail(RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was scored"))
+        if self.failure is not None:
+            raise self.failure
+        return self.answer  # type: ignore[return-value]  # settled without failure: answered
 
 
 class Batcher:
@@ -131,6 +143,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._draining = False
         self._stopping = False
+        self._busy = False  # a batch is being scored
         self._worker = threading.Thread(target=self._run, name="liverec-batcher", daemon=True)
 
     def start(self) -> None:
@@ -155,17 +168,31 @@ class Batcher:
         with self._cond:
             self._draining = True
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or being scored; False if `timeout` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
     def stop(self) -> None:
-        """Score what is still queued, then end the worker."""
+        """End the worker after its current batch. Called once gRPC has ended every RPC, so
+        whatever is still queued belongs to a call that is gone: it is failed, never scored."""
         with self._cond:
             self._draining = self._stopping = True
+            while self._queue:
+                self._queue.popleft().fail(RpcFailure(grpc.StatusCode.UNAVAILABLE, "server stopped"))
+            self._metrics.queue_depth.set(0)
             self._cond.notify()
         if self._worker.is_alive():
             self._worker.join()
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
-            self._score(batch)
+            try:
+                self._score(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
     def _take(self) -> list[Pending] | None:
         """The next batch: wait for a first request, then up to max_wait after it arrived for more."""
@@ -181,16 +208,17 @@ class Batcher:
                     break
                 self._cond.wait(left)
             batch = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
+            self._busy = True
             self._metrics.queue_depth.set(len(self._queue))
         return batch
 
     def _score(self, batch: list[Pending]) -> None:
-        """Score the live requests of a batch against one snapshot; expired ones are never scored."""
+        """Score the live requests of a batch against one snapshot; expired or cancelled ones never are."""
         now = time.monotonic()
-        live = [p for p in batch if not p.expired(now)]
         for p in batch:
-            if p.expired(now):
+            if now >= p.deadline:
                 p.fail(RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued"))
+        live = [p for p in batch if not p.done.is_set()]  # settled early: cancelled or expired
         if not live:
             return
         self._metrics.batch_size.observe(len(live))
@@ -276,17 +304,9 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             query = query_from_request(request, self._config)
             remaining = min(context.time_remaining(), threading.TIMEOUT_MAX)
             pending = self._batcher.submit(query, time.monotonic() + remaining)
-            if not context.add_callback(pending.abandon):  # the RPC already ended
-                pending.abandon()
-            if not pending.done.wait(remaining):
-                pending.abandon()
-            if pending.failure is not None:
-                raise pending.failure
-            if pending.answer is None:
-                if context.time_remaining() <= 0:
-                    raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was scored")
-                raise RpcFailure(grpc.StatusCode.CANCELLED, "cancelled by the caller")
-            return response_from_answer(pending.answer)
+            if not context.add_callback(pending.cancel):  # the RPC already ended
+                pending.cancel()
+            return response_from_answer(pending.result(remaining))
         except RpcFailure:
             raise
         except Exception as exc:
@@ -299,8 +319,8 @@ class RecommenderServer(grpc.Server):
 
     `stop(grace)` drains: new Recommend calls are refused (UNAVAILABLE) and health turns
     NOT_SERVING at once, while calls already queued or being scored get up to `grace` seconds
-    to finish; then the batcher and the metrics endpoint stop. `grace=None` keeps gRPC's meaning
-    (abort in-flight calls now).
+    to finish; then gRPC, the batcher and the metrics endpoint stop. `grace=None` keeps gRPC's
+    meaning (abort in-flight calls now).
     """
 
     def __init__(self, server: grpc.Server, batcher: Batcher, backend: Backend, health_servicer: health.HealthServicer,
@@ -335,15 +355,23 @@ class RecommenderServer(grpc.Server):
         self._server.start()
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Drain (see the class docstring); the returned event is set once everything has stopped."""
+        """Drain (see the class docstring); the returned event is set once everything has stopped.
+
+        The gRPC server keeps accepting calls until the batcher is idle, so that a call arriving
+        mid-drain gets a clean UNAVAILABLE (retryable elsewhere) from the service, and health
+        checks keep answering NOT_SERVING, rather than racing the transport's shutdown.
+        """
         self._batcher.drain()
         self._stopping.set()
         self._health.enter_graceful_shutdown()
-        grpc_stopped = self._server.stop(grace)
         done = threading.Event()
+        until = None if grace is None else time.monotonic() + grace
 
         def finish() -> None:
-            grpc_stopped.wait()
+            if until is not None:
+                self._batcher.wait_idle(max(0.0, until - time.monotonic()))
+            left = None if until is None else max(0.0, until - time.monotonic())
+            self._server.stop(left).wait()  # in-flight calls (responses being sent) get what is left
             self._batcher.stop()
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
