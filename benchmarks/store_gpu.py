@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import datetime as dt
 import json
 import os
@@ -41,6 +42,7 @@ HKV_A100 = {"find": (2.0, 2.5), "find_or_insert": (0.6, 1.1)}  # G keys/s, publi
 TARGETS = {"find": 5.0, "find_or_insert": 2.0}  # G keys/s, issue 3
 LOGICAL_BYTES = 32
 _DEVICE = "cuda"
+_LAST_SAMPLES: list[float] = []
 SECTOR_BYTES = 80
 
 
@@ -54,7 +56,19 @@ def _time(fn: Callable[[], object], repeats: int, warmup: int = 3,
         if setup:
             setup()
         fn()
-    times = []
+    times = _LAST_SAMPLES
+    times.clear()
+    gc.collect()
+    gc.disable()  # as timeit does: a collection inside a timed call costs milliseconds
+    try:
+        _timed_repeats(fn, repeats, setup, times)
+    finally:
+        gc.enable()
+    return statistics.median(times)
+
+
+def _timed_repeats(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None,
+                   times: list[float]) -> None:
     for _ in range(repeats):
         if setup:
             setup()
@@ -70,7 +84,12 @@ def _time(fn: Callable[[], object], repeats: int, warmup: int = 3,
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+
+
+def _spread() -> list[float]:
+    """10th and 90th percentile (ms) of the last timing's repeats."""
+    q = statistics.quantiles(_LAST_SAMPLES, n=10) if len(_LAST_SAMPLES) > 1 else _LAST_SAMPLES * 9
+    return [round(q[0], 4), round(q[-1], 4)]
 
 
 def _random_keys(n: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
@@ -111,7 +130,8 @@ def _row(op: str, variant: str, load: float, batch: int, ms: float, base: float 
          bandwidth: float, **extra: object) -> dict[str, object]:
     rate = batch / ms / 1e6  # G keys/s
     out: dict[str, object] = {"op": op, "variant": variant, "load_factor": load, "batch": batch,
-                              "median_ms": round(ms, 4), "G_keys_per_s": round(rate, 3)}
+                              "median_ms": round(ms, 4), "p10_p90_ms": _spread(),
+                              "G_keys_per_s": round(rate, 3)}
     if base is not None:
         out["vs_searchsorted"] = round(rate / base, 2)
     hkv = HKV_A100.get(op)
@@ -133,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--loads", default="0.5,0.75")
     parser.add_argument("--hits", default="0.5,0.9,1.0", help="hit fractions for find-or-insert")
-    parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument("--blocks", default="32:1,64:1,64:2,128:2,128:4,256:4",
-                        help="BLOCK:num_warps configurations swept for find and insert")
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--blocks", default="32:1:4,32:1:8,64:1:4,64:1:8,64:2:4,128:4:4",
+                        help="BLOCK:num_warps:GROUP configurations swept on find; the best is used for all")
+    parser.add_argument("--foi-blocks", default="32:1:4,64:2:4,128:4:4,32:1:8,64:2:8",
+                        help="BLOCK:num_warps:GROUP configurations swept on the fused find_or_insert")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--profile", action="store_true",
                         help="also print per-kernel CUDA times of one find_or_insert per variant")
@@ -160,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     loads = [float(x) for x in args.loads.split(",")]
     hits = [float(x) for x in args.hits.split(",")]
     configs = [tuple(int(v) for v in c.split(":")) for c in args.blocks.split(",")]
-    default_cfg = (K.BLOCK, K.NUM_WARPS)
+    foi_configs = [tuple(int(v) for v in c.split(":")) for c in args.foi_blocks.split(",")]
+    default_cfg = (K.BLOCK, K.NUM_WARPS, K.GROUP)
 
     bandwidth = copy_bandwidth(reps)
     n_max = int(max(loads) * capacity)
@@ -207,17 +230,18 @@ def main(argv: list[str] | None = None) -> int:
                          _time(rotating(ss_lookup), reps), ss_rate, bandwidth, keys_in_table=n))
 
         best = None
-        for blk, warps in configs:
-            K.BLOCK, K.NUM_WARPS = blk, warps
+        for blk, warps, group in configs:
+            K.BLOCK, K.NUM_WARPS, K.GROUP = blk, warps, group
             ms = _time(rotating(lambda q: K.find(slot_keys, slot_vals, q)), reps)
             sweep.append({"op": "find", "load_factor": load, "BLOCK": blk, "num_warps": warps,
-                          "G_keys_per_s": round(batch / ms / 1e6, 3)})
+                          "GROUP": group, "G_keys_per_s": round(batch / ms / 1e6, 3)})
             if best is None or ms < best[0]:
-                best = (ms, blk, warps)
+                best = (ms, blk, warps, group)
         assert best is not None
-        K.BLOCK, K.NUM_WARPS = best[1], best[2]
-        rows.append(_row("find", "kernels.cuda.find", load, batch, best[0], ss_rate, bandwidth,
-                         keys_in_table=n, BLOCK=best[1], num_warps=best[2]))
+        K.BLOCK, K.NUM_WARPS, K.GROUP = best[1:]
+        ms = _time(rotating(lambda q: K.find(slot_keys, slot_vals, q)), reps)  # the winner, again
+        rows.append(_row("find", "kernels.cuda.find", load, batch, ms, ss_rate, bandwidth,
+                         keys_in_table=n, BLOCK=best[1], num_warps=best[2], GROUP=best[3]))
         ms = _time(rotating(lambda q: weights[K.find(slot_keys, slot_vals, q)]), reps)
         row_bytes = 2 * args.dim * weights.element_size() + LOGICAL_BYTES  # row read + written
         rows.append(_row("find+gather", f"find + weights[rows] (dim {args.dim}, fp32)", load, batch, ms,
@@ -234,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             slot_keys.copy_(snap_keys)
             slot_vals.copy_(snap_vals)
 
+        find_cfg = (K.BLOCK, K.NUM_WARPS, K.GROUP)
         for hit in hits:
             n_hit = int(hit * batch)
             mixed = torch.cat([live[torch.randint(0, n, (n_hit,), device=dev, generator=gen)],
@@ -248,12 +273,27 @@ def main(argv: list[str] | None = None) -> int:
             is_new = ref >= n
             assert torch.equal(ref[is_new], n + new_rank[is_new]), "new rows not in sorted order"
 
+            if hit == hits[0]:  # launch configuration for the fused path, swept once per load
+                best_foi = None
+                for blk, warps, group in foi_configs:
+                    K.BLOCK, K.NUM_WARPS, K.GROUP = blk, warps, group
+                    ms = _time(lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n), reps,
+                               setup=restore)
+                    sweep.append({"op": "find_or_insert", "load_factor": load, "hit_fraction": hit,
+                                  "BLOCK": blk, "num_warps": warps, "GROUP": group,
+                                  "G_keys_per_s": round(batch / ms / 1e6, 3)})
+                    if best_foi is None or ms < best_foi[0]:
+                        best_foi = (ms, blk, warps, group)
+                assert best_foi is not None
             for fused in (True, False):
+                K.BLOCK, K.NUM_WARPS, K.GROUP = best_foi[1:] if fused else find_cfg
                 ms = _time(lambda f=fused: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=f),
                            reps, setup=restore)
                 rows.append(_row("find_or_insert", f"kernels.cuda.find_or_insert(fused={fused})", load,
                                  batch, ms, ss_rate, bandwidth, keys_in_table=n, hit_fraction=hit,
-                                 new_keys=int(ref_new.numel())))
+                                 new_keys=int(ref_new.numel()), BLOCK=K.BLOCK, num_warps=K.NUM_WARPS,
+                                 GROUP=K.GROUP))
+            K.BLOCK, K.NUM_WARPS, K.GROUP = find_cfg
             ms = _time(lambda: index.find_or_insert(mixed), max(reps // 3, 5), warmup=1,
                        setup=lambda: _restore_state(index, state))
             _restore_state(index, state)
@@ -262,19 +302,20 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_row("find_or_insert", "HashIndex.find_or_insert (store path)", load, batch, ms,
                              ss_rate, bandwidth, keys_in_table=n, hit_fraction=hit,
                              new_keys=int(ref_new.numel())))
-            if args.profile and hit == hits[0]:
-                _profile({
-                    "fused": lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=True),
-                    "unfused": lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=False),
-                    "HashIndex": lambda: index.find_or_insert(mixed),
-                }, lambda: (restore(), _restore_state(index, state)), f"load {load} hit {hit}")
+            if args.profile:
+                fns: dict[str, Callable[[], object]] = {
+                    "fused": lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=True)}
+                if hit == hits[0]:
+                    fns["unfused"] = lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=False)
+                    fns["HashIndex"] = lambda: index.find_or_insert(mixed)
+                _profile(fns, lambda: (restore(), _restore_state(index, state)), f"load {load} hit {hit}")
         restore()
         del index, state, snap_keys, snap_vals
         rows.append({"op": "bulk_insert", "variant": "kernels.cuda.insert", "load_factor": load,
                      "batch": int(chunk.numel()), "median_ms": round(bulk_ms, 3),
                      "G_keys_per_s": round(chunk.numel() / bulk_ms / 1e6, 3),
                      "note": "one timed call (after a warm-up on a copy), filling the table from the previous load"})
-        K.BLOCK, K.NUM_WARPS = default_cfg
+        K.BLOCK, K.NUM_WARPS, K.GROUP = default_cfg
 
     result = {
         "benchmark": "store_gpu",

@@ -211,7 +211,7 @@ def test_find_or_insert_matches_sequential(device: torch.device, small: int, fus
     seen = np.empty(0, dtype=np.int64)
     for step in range(4):
         batch = rng.choice(pool[: (step + 1) * pool.size // 4], size=pool.size // 3)
-        batch = np.concatenate([batch, batch[: batch.size // 8], [EMPTY_KEY]])
+        batch = np.concatenate([batch, batch[: batch.size // 8], [EMPTY_KEY, INT64_MAX]])
         got, new_keys, new_rows = cuda.find_or_insert(gk, gv, _t(batch, device), _t(free, device),
                                                       next_row, fused=fused)
         # The CPU path: find, then sorted unique misses get the free rows, then fresh rows.
@@ -270,6 +270,21 @@ def test_full_table_raises_instead_of_hanging(device: torch.device) -> None:
     assert int((cuda.find(gk, gv, q) >= 0).sum()) == 64
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_find_or_insert_on_a_full_table_raises_and_leaves_it_intact(device: torch.device, fused: bool) -> None:
+    gk, gv = _empty_table(64, device)
+    keys = _random_keys(np.random.default_rng(8), 100)
+    cuda.insert(gk, gv, _t(keys[:60], device), _t(np.arange(60), device))
+    before = _mapping(gk, gv)
+    with pytest.raises(RuntimeError, match="full"):
+        cuda.find_or_insert(gk, gv, _t(keys, device), _t(np.arange(0), device), 60, fused=fused)
+    after = _mapping(gk, gv)
+    if fused:  # the fused path undoes its claims
+        assert after == before
+    assert all(after[k] == v for k, v in before.items())
+    assert torch.equal(cuda.find(gk, gv, _t(keys[:60], device)).cpu(), torch.arange(60))
+
+
 def test_bad_input_is_refused(device: torch.device) -> None:
     gk, gv = _empty_table(64, device)
     with pytest.raises(TypeError):
@@ -279,3 +294,30 @@ def test_bad_input_is_refused(device: torch.device) -> None:
     if device.type == "cuda":
         with pytest.raises(ValueError):
             cuda.find(gk, gv, torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("block, warps, group", [(32, 1, 1), (64, 2, 8), (128, 4, 4), (256, 8, 2)])
+def test_launch_configs_agree(device: torch.device, small: int, block: int, warps: int, group: int,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block size, warp count and probe group gives the CPU's results."""
+    monkeypatch.setattr(cuda, "BLOCK", block)
+    monkeypatch.setattr(cuda, "NUM_WARPS", warps)
+    monkeypatch.setattr(cuda, "GROUP", group)
+    rng = np.random.default_rng(block + group)
+    capacity = 1 << small
+    keys = _colliding_keys(rng, int(0.7 * capacity), capacity, homes=capacity // 32)
+    gk, gv = _empty_table(capacity, device)
+    ck, cv = _empty_table(capacity, torch.device("cpu"))
+    half = keys.size // 2
+    cuda.insert(gk, gv, _t(keys[:half], device), _t(np.arange(half), device))
+    cpu.insert(ck, cv, _t(keys[:half], "cpu"), _t(np.arange(half), "cpu"))
+    batch = rng.choice(keys, size=keys.size)
+    got, new_keys, _ = cuda.find_or_insert(gk, gv, _t(batch, device), _t(np.arange(0), device), half)
+    want = cpu.find(ck, cv, _t(batch, "cpu"))
+    uniq = torch.unique(_t(batch, "cpu")[want < 0])
+    cpu.insert(ck, cv, uniq, torch.arange(half, half + uniq.numel()))
+    want = cpu.find(ck, cv, _t(batch, "cpu"))
+    assert torch.equal(got.cpu(), want) and torch.equal(new_keys.cpu(), uniq)
+    gone = rng.choice(keys, size=keys.size // 3, replace=False)
+    assert torch.equal(cuda.erase(gk, gv, _t(gone, device)).cpu(), cpu.erase(ck, cv, _t(gone, "cpu")))
+    assert _mapping(gk, gv) == _mapping(ck, cv)

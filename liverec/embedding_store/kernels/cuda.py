@@ -16,9 +16,10 @@ the winner's key from the CAS and either has met its own key or walks on. Triton
 `find_or_insert` is the store's hot path (find -> dedup misses -> allocate -> insert) and gives
 the CPU path's key -> row mapping: the r-th new key in ascending order gets the r-th row.
 `fused=False` composes the contract's functions literally (torch.unique on the misses).
-`fused=True` probes (read-only, G-slot groups) and claims (CAS, slot by slot) in two kernels,
-deduplicating inside the table itself (lanes of one key meet at the slot the first of them
-claims), ranks only the claimed keys with one keys-only sort, then writes rows and gathers them.
+`fused=True` finds and claims in one kernel, deduplicating inside the table itself (lanes of
+one key meet at the slot the first of them claims) and appending each new key once to a
+list; a stable sort of that list ranks the new keys, and a second kernel gives each lane of a
+new key the row of its rank, writing it to the slot and the output. One host sync, at the end.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
     ) from exc
 
 from liverec.embedding_store.kernels import EMPTY_KEY, TOMBSTONE_KEY
+
+_INT64_MAX = 2**63 - 1
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly); used to test without a GPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -71,9 +74,28 @@ def _cas(ptr, cmp, new, pred, scratch_ptr):
 
 
 @triton.jit
-def _pick(kk, j, jstop):
-    """kk[lane, jstop[lane]] (0 where jstop is past the group)."""
-    return tl.sum(tl.where(j[None, :] == jstop[:, None], kk, 0), axis=1)
+def _scan(slot_keys, base, first, k, active, G: tl.constexpr, FREE_STOPS: tl.constexpr):
+    """Look at slots base + first .. base + G - 1 (one aligned group) in probe order.
+
+    Returns (jstop, held, jfree): the first j holding k or EMPTY (or, if FREE_STOPS, k, EMPTY
+    or TOMBSTONE), G if none, with the key held there; and the first j holding EMPTY or
+    TOMBSTONE, G if none. The G loads are independent (one sector), so they overlap.
+    """
+    jstop = first * 0 + G
+    jfree = jstop
+    held = k * 0
+    for jj in tl.static_range(G):
+        kj = tl.load(slot_keys + (base + jj), mask=active, other=_EMPTY)
+        ok = first <= jj
+        free = (kj == _EMPTY) | (kj == _TOMB)
+        if FREE_STOPS:
+            stop = ok & (jstop == G) & ((kj == k) | free)
+        else:
+            stop = ok & (jstop == G) & ((kj == k) | (kj == _EMPTY))
+        held = tl.where(stop, kj, held)
+        jstop = tl.where(stop, jj, jstop)
+        jfree = tl.where(ok & free & (jfree == G), jj, jfree)
+    return jstop, held, jfree
 
 
 @triton.jit
@@ -82,18 +104,14 @@ def _locate(slot_keys, q, active, cmask, cap, G: tl.constexpr):
     home = _home(q, cmask)
     base = home & -G
     first = home - base
-    j = tl.arange(0, G)
     found = active & (q != q)
     slot = home * 0
     steps = tl.program_id(0) * 0  # a scalar tensor: the interpreter mishandles python-int compares
     go = tl.max(active.to(tl.int32), axis=0)
     while go > 0:
-        kk = tl.load(slot_keys + (tl.multiple_of(base, G)[:, None] + j[None, :]),
-                     mask=active[:, None], other=_EMPTY)
-        stop = (j[None, :] >= first[:, None]) & ((kk == q[:, None]) | (kk == _EMPTY))
-        jstop = tl.min(tl.where(stop, j[None, :], G), axis=1)
+        jstop, held, jfree = _scan(slot_keys, base, first, q, active, G, False)
         ended = active & (jstop < G)
-        hit = ended & (_pick(kk, j, jstop) == q)
+        hit = ended & (held == q)
         found = found | hit
         slot = tl.where(hit, base + jstop, slot)
         active = active & ~ended
@@ -105,36 +123,42 @@ def _locate(slot_keys, q, active, cmask, cap, G: tl.constexpr):
 
 
 @triton.jit
-def _claim(slot_keys, k, active, pos, cmask, max_iters, scratch_ptr):
-    """Claim the first free slot (EMPTY or TOMBSTONE) from `pos` on, or meet k there.
+def _claim(slot_keys, k, active, base, first, cmask, max_iters, scratch_ptr, G: tl.constexpr):
+    """Claim the first free slot (EMPTY or TOMBSTONE) from base + first on, or meet k there.
 
-    The key must be absent from the table at launch, and every slot before `pos` on its path
+    k must be absent from the table at launch, and every slot before base + first on its path
     must hold another key. Lanes of one key walk the same path and meet at the slot the first
     of them claims. Returns (won, found, slot): won marks the lane whose CAS put k there, found
     every lane that ended at k's slot. A lost CAS returns the slot's new key, so the lane
-    decides from that (k: met; another key: walk on).
+    decides from that (k: met; another key: walk on) without re-reading the slot.
 
-    Slot by slot on 1-D tensors on purpose: after a cross-thread reduction Triton replicates a
-    lane's values over several threads, and replicas of an atomic do not see the same result.
+    All tensors here are 1-D with one lane per thread: after a cross-thread reduction Triton
+    may replicate a lane over several threads, and replicas of one CAS disagree on its result.
     """
     won = active & (k != k)
     found = won
-    slot = pos
-    steps = tl.program_id(0) * 0  # a scalar tensor: the interpreter mishandles python-int compares
+    slot = k * 0
+    steps = tl.program_id(0) * 0
     go = tl.max(active.to(tl.int32), axis=0)
     while go > 0:
-        cur = tl.load(slot_keys + pos, mask=active, other=0)
-        free = active & ((cur == _EMPTY) | (cur == _TOMB))
-        old = cur
+        jstop, held, jfree = _scan(slot_keys, base, first, k, active, G, True)
+        at = active & (jstop < G)
+        free = at & (held != k)
+        s = base + jstop
+        old = held
         if tl.max(free.to(tl.int32), axis=0) > 0:
-            old = _cas(slot_keys + pos, cur, k, free, scratch_ptr)
-        got = free & (old == cur)
-        met = active & ~got & ((cur == k) | (free & (old == k)))
+            old = _cas(slot_keys + s, held, k, free, scratch_ptr)
+        got = free & (old == held)
+        met = at & ~got & ((held == k) | (old == k))
         won = won | got
         found = found | got | met
-        slot = tl.where(got | met, pos, slot)
+        slot = tl.where(got | met, s, slot)
+        # Walk on past a group with no stop, or past a slot another key just took.
+        nxt = tl.where(at, jstop + 1, G)
+        moved = nxt >= G
+        first = tl.where(moved, 0, nxt)
+        base = tl.where(moved, (base + G) & cmask, base)
         active = active & ~(got | met)
-        pos = tl.where(active, (pos + 1) & cmask, pos)
         steps += 1
         go = tl.max(active.to(tl.int32), axis=0) * (steps < max_iters).to(tl.int32)
     return won, found, slot
@@ -165,13 +189,16 @@ def _erase_kernel(slot_keys, slot_vals, keys_ptr, out_ptr, n, cmask, cap,
 
 @triton.jit
 def _insert_kernel(slot_keys, slot_vals, keys_ptr, vals_ptr, scratch, fail_ptr, n, cmask, max_iters,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, G: tl.constexpr):
     """Insert unique, absent keys: each claims the first free slot on its probe path."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=_EMPTY)
     active = m & (k != _EMPTY) & (k != _TOMB)
-    won, found, slot = _claim(slot_keys, k, active, _home(k, cmask), cmask, max_iters, scratch + offs)
+    home = _home(k, cmask)
+    base = home & -G
+    won, found, slot = _claim(slot_keys, k, active, base, home - base, cmask, max_iters,
+                              scratch + offs, G)
     tl.store(slot_vals + slot, tl.load(vals_ptr + offs, mask=won, other=-1), mask=won)
     lost = tl.sum((active & ~found).to(tl.int32), axis=0)
     if lost > 0:
@@ -179,12 +206,17 @@ def _insert_kernel(slot_keys, slot_vals, keys_ptr, vals_ptr, scratch, fail_ptr, 
 
 
 @triton.jit
-def _probe_kernel(slot_keys, keys_ptr, pos_out, from_out, fail_ptr, n, cmask, cap,
-                  BLOCK: tl.constexpr, G: tl.constexpr):
-    """Read-only first half of find_or_insert: each key's slot, or where it would be claimed.
+def _find_or_claim_kernel(slot_keys, slot_vals, keys_ptr, out_ptr, pos_out, fresh_out, new_keys,
+                          counter, scratch, n, cmask, cap, max_iters,
+                          BLOCK: tl.constexpr, G: tl.constexpr):
+    """First half of find_or_insert: find each key, or claim a slot for it.
 
-    pos_out: the key's slot, -1 if absent; from_out: for an absent valid key the first free
-    slot (TOMBSTONE or EMPTY) on its path, else -1.
+    A present key's value goes to out. For a new key: out = -1, fresh = 1, pos = its slot,
+    and the one lane whose CAS inserted it appends it to new_keys (counter[0] counts them;
+    counter[1] counts keys that found no free slot). Its value is negative until the rows
+    are ranked (-1 as a free slot, then -2 - index), so a lane that meets a key another lane
+    claimed in this launch knows it is new: free slots always hold -1 (the kernels and the
+    index keep it so) and stored values (rows) are >= 0.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -193,22 +225,17 @@ def _probe_kernel(slot_keys, keys_ptr, pos_out, from_out, fail_ptr, n, cmask, ca
     home = _home(k, cmask)
     base = home & -G
     first = home - base
-    j = tl.arange(0, G)
     active = valid
     hit = valid & (k != k)
-    slot = home * 0 - 1
-    free_at = slot
+    slot = home * 0
+    free_at = slot - 1  # first free slot on the path: where an absent key claims
     steps = tl.program_id(0) * 0
     go = tl.max(active.to(tl.int32), axis=0)
     while go > 0:
-        kk = tl.load(slot_keys + (tl.multiple_of(base, G)[:, None] + j[None, :]),
-                     mask=active[:, None], other=_EMPTY)
-        ok = j[None, :] >= first[:, None]
-        jfree = tl.min(tl.where(ok & ((kk == _EMPTY) | (kk == _TOMB)), j[None, :], G), axis=1)
+        jstop, held, jfree = _scan(slot_keys, base, first, k, active, G, False)
         free_at = tl.where(active & (free_at < 0) & (jfree < G), base + jfree, free_at)
-        jstop = tl.min(tl.where(ok & ((kk == k[:, None]) | (kk == _EMPTY)), j[None, :], G), axis=1)
         ended = active & (jstop < G)
-        h = ended & (_pick(kk, j, jstop) == k)
+        h = ended & (held == k)
         hit = hit | h
         slot = tl.where(h, base + jstop, slot)
         active = active & ~ended
@@ -216,63 +243,52 @@ def _probe_kernel(slot_keys, keys_ptr, pos_out, from_out, fail_ptr, n, cmask, ca
         first = first * 0
         steps += G
         go = tl.max(active.to(tl.int32), axis=0) * (steps < cap + G).to(tl.int32)
-    tl.store(pos_out + offs, slot, mask=m)
-    tl.store(from_out + offs, tl.where(valid & ~hit, free_at, -1), mask=m)
-    lost = tl.sum((valid & ~hit & (free_at < 0)).to(tl.int32), axis=0)
+    val = tl.load(slot_vals + slot, mask=hit, other=-1)
+    # Every slot before free_at held another key and still does, so k cannot be there.
+    claim = valid & ~hit & (free_at >= 0)
+    cbase = free_at & -G
+    won, found, cslot = _claim(slot_keys, k, claim, cbase, free_at - cbase, cmask, max_iters,
+                               scratch + offs, G)
+    fresh = (hit & (val < 0)) | found
+    tl.store(out_ptr + offs, tl.where(fresh, -1, val), mask=m)
+    tl.store(pos_out + offs, tl.where(found, cslot, slot), mask=m)
+    tl.store(fresh_out + offs, fresh.to(tl.int8), mask=m)
+    n_won = tl.sum(won.to(tl.int32), axis=0)
+    at = n_won * 0
+    if n_won > 0:
+        at = tl.atomic_add(counter, n_won)
+    idx = at + tl.cumsum(won.to(tl.int32), axis=0) - 1
+    tl.store(new_keys + idx, k, mask=won)
+    # The slot's value says where the key sits in new_keys (-2 - idx) until its row is known.
+    tl.store(slot_vals + cslot, -2 - idx.to(tl.int64), mask=won)
+    lost = tl.sum((valid & ~hit & ~found).to(tl.int32), axis=0)
     if lost > 0:
-        tl.atomic_add(fail_ptr, lost)
+        tl.atomic_add(counter + 1, lost)
 
 
 @triton.jit
-def _claim_kernel(slot_keys, keys_ptr, from_ptr, pos_out, claimed_out, scratch, fail_ptr, n, cmask,
-                  max_iters, BLOCK: tl.constexpr):
-    """Second half: each absent key claims a slot from its `from` on (lanes of one key meet).
+def _finish_kernel(slot_vals, pos, fresh_ptr, rank_of, free_rows, n_free, next_row, out_ptr,
+                   new_rows, n, BLOCK: tl.constexpr):
+    """Second half: give each new key its row, from its rank among the sorted new keys.
 
-    claimed_out: the key on the one lane whose CAS inserted it, EMPTY elsewhere; its value is
-    written later, once the new keys are ranked. Every slot before `from` on the path held
-    another key at probe time and still does, so the key cannot be there.
+    A new key's slot holds -2 - (its index in new_keys) until a lane of it writes the row;
+    every lane of the key reads either, derives the same row and writes it to the slot, to
+    out and to new_rows[rank]: no lane waits for another.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    start = tl.load(from_ptr + offs, mask=m, other=-1)
-    k = tl.load(keys_ptr + offs, mask=m, other=_EMPTY)
-    active = m & (start >= 0)
-    won, found, slot = _claim(slot_keys, k, active, tl.maximum(start, 0), cmask, max_iters,
-                              scratch + offs)
-    tl.store(pos_out + offs, slot, mask=found)
-    tl.store(claimed_out + offs, tl.where(won, k, _EMPTY), mask=m)
-    lost = tl.sum((active & ~found).to(tl.int32), axis=0)
-    if lost > 0:
-        tl.atomic_add(fail_ptr, lost)
-
-
-@triton.jit
-def _assign_kernel(slot_keys, slot_vals, uniq, rows_out, n_uniq, free_rows, n_free, next_row, cmask,
-                   cap, BLOCK: tl.constexpr, G: tl.constexpr):
-    """The r-th claimed key (ascending) gets free_rows[r] while they last, then next_row + ...
-
-    `uniq` is sorted and may start with one EMPTY (lanes that claimed nothing), skipped here.
-    """
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = j < n_uniq
-    key = tl.load(uniq + j, mask=m, other=_EMPTY)
-    rank = j - (tl.load(uniq) == _EMPTY).to(tl.int64)
-    active = m & (key != _EMPTY)
-    from_free = active & (rank < n_free)
+    fresh = m & (tl.load(fresh_ptr + offs, mask=m, other=0) != 0)
+    p = tl.load(pos + offs, mask=fresh, other=0)
+    v = tl.load(slot_vals + p, mask=fresh, other=-1)
+    coded = fresh & (v <= -2)
+    rank = tl.load(rank_of + (-2 - v), mask=coded, other=0)
+    from_free = coded & (rank < n_free)
     row = tl.load(free_rows + rank, mask=from_free, other=0)
-    row = tl.where(from_free, row, next_row + rank - n_free)
-    found, slot = _locate(slot_keys, key, active, cmask, cap, G)
-    tl.store(slot_vals + slot, row, mask=found)
-    tl.store(rows_out + j, row, mask=m)
-
-
-@triton.jit
-def _gather_kernel(slot_vals, pos, out_ptr, n, BLOCK: tl.constexpr):
-    """out[i] = slot_vals[pos[i]], -1 where pos is -1."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    p = tl.load(pos + offs, mask=m, other=-1)
-    tl.store(out_ptr + offs, tl.load(slot_vals + p, mask=m & (p >= 0), other=-1), mask=m)
+    row = tl.where(coded, tl.where(from_free, row, next_row + rank - n_free), v)
+    ok = fresh & (row >= 0)
+    tl.store(slot_vals + p, row, mask=ok)
+    tl.store(out_ptr + offs, row, mask=ok)
+    tl.store(new_rows + rank, row, mask=coded)
 
 
 def _check(slot_keys: torch.Tensor, slot_vals: torch.Tensor, *keys: torch.Tensor) -> int:
@@ -305,6 +321,11 @@ def _launch(n: int) -> dict[str, object]:
 
 def _group(cmask: int) -> int:
     return min(GROUP, cmask + 1)
+
+
+def _max_claim_steps(cmask: int) -> int:
+    """A claim step leaves a group or passes a slot: capacity + capacity / G steps at most."""
+    return 2 * (cmask + 1) + 2
 
 
 def _scratch(n: int, device: torch.device) -> torch.Tensor:
@@ -340,9 +361,8 @@ def insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor,
     if not n:
         return
     fail = torch.zeros(1, dtype=torch.int32, device=keys.device)
-    # A step passes an occupied slot or ends: at most capacity steps.
     _run(_insert_kernel, n, slot_keys, slot_vals, keys, vals, _scratch(n, keys.device), fail, n,
-         cmask, cmask + 2)
+         cmask, _max_claim_steps(cmask), G=_group(cmask))
     lost = int(fail.item())
     if lost:
         raise RuntimeError(f"hash index full: {lost} keys found no free slot")
@@ -397,21 +417,24 @@ def find_or_insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch
         return out, uniq, rows
     if not n:
         return torch.empty_like(keys), keys[:0].clone(), free_rows[:0].clone()
-    pos = torch.empty_like(keys)
-    start = torch.empty_like(keys)
-    claimed = torch.empty_like(keys)
-    fail = torch.zeros(1, dtype=torch.int32, device=keys.device)
-    _run(_probe_kernel, n, slot_keys, keys, pos, start, fail, n, cmask, cmask + 1, G=_group(cmask))
-    _run(_claim_kernel, n, slot_keys, keys, start, pos, claimed, _scratch(n, keys.device), fail, n,
-         cmask, cmask + 2)
-    uniq = torch.unique(claimed)  # sorted; keys only (no inverse), so a keys-only sort
-    rows = torch.empty_like(uniq)
-    _run(_assign_kernel, uniq.numel(), slot_keys, slot_vals, uniq, rows, uniq.numel(), free_rows,
-         free_rows.numel(), next_row, cmask, cmask + 1, G=_group(cmask))
+    dev = keys.device
     out = torch.empty_like(keys)
-    _run(_gather_kernel, n, slot_vals, pos, out, n)
-    head, lost = torch.stack([uniq[0], fail[0].to(torch.int64)]).tolist()
+    pos = torch.empty_like(keys)
+    fresh = torch.empty(n, dtype=torch.int8, device=dev)
+    # New keys land in [0, n_new); the rest stays INT64_MAX, so a stable sort of the whole
+    # buffer ranks them without knowing n_new: no host sync until the end, and the host
+    # queues the sort while the first kernel still runs.
+    appended = torch.full_like(keys, _INT64_MAX)
+    counter = torch.zeros(2, dtype=torch.int32, device=dev)
+    _run(_find_or_claim_kernel, n, slot_keys, slot_vals, keys, out, pos, fresh, appended, counter,
+         _scratch(n, dev), n, cmask, cmask + 1, _max_claim_steps(cmask), G=_group(cmask))
+    ranked, order = torch.sort(appended, stable=True)
+    rank_of = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=dev))
+    new_rows = torch.empty_like(keys)
+    _run(_finish_kernel, n, slot_vals, pos, fresh, rank_of, free_rows, free_rows.numel(), next_row,
+         out, new_rows, n)
+    n_new, lost = counter.tolist()  # the one host sync
     if lost:
+        erase(slot_keys, slot_vals, ranked[:n_new])  # undo the claims: no half-made keys stay
         raise RuntimeError(f"hash index full: {lost} keys found no free slot")
-    skip = int(head == EMPTY_KEY)
-    return out, uniq[skip:], rows[skip:]
+    return out, ranked[:n_new], new_rows[:n_new]
