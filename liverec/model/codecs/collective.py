@@ -1,0 +1,256 @@
+"""`collective`: a global K/V pool shared by all users plus a tiny user-specific part (CollectiveKV).
+
+Each position's K and V of every layer and head form one vector `z` of `L * 2 * D` values,
+taken with the keys *un-rotated* (RoPE undone), so that the same event at different positions
+(or for different users) gives the same vector and a pool can hold it. After a fixed per-dim
+standardisation, the router picks the pool entry nearest to `z` (a VQ router: the pool entries
+are both routing keys and values, so the router learns as the pool does), and the residual is
+projected to `rank` dims, the user-specific part, stored as int8 under a fixed per-dim scale:
+
+    z  ~  pool[index] + up(int8(down(z - pool[index])))
+
+Stored per position: the index (1 byte when `pool_size` <= 256, else 2) and `rank` int8 codes;
+per user a 12-byte header (`next_pos i64`, `n u32`). The pool, projections and scales are
+learned parameters of the model version (checkpointed and published once, never per user).
+Decoded: the user's kept positions in order, keys rotated back to their positions
+(`next_pos - n + j`), so the decoded cache has the same slots and positions as the full one.
+
+Incremental: a position's code depends on its own K/V only, so `append` routes the new events
+and concatenates their codes, the same bytes as re-encoding. Learned by distillation
+(`auxiliary_loss`, with the model or after it) after a k-means / PCA start (`init_from`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from liverec.model.codecs.base import (
+    HEAD,
+    Cost,
+    StateCodec,
+    check_length,
+    from_rows,
+    read_head,
+    rotate_keys,
+    slot_positions,
+    to_rows,
+)
+from liverec.model.codecs.distill import distillation_loss
+from liverec.model.config import EncoderConfig
+from liverec.model.encoder import KVCache
+
+if TYPE_CHECKING:
+    from liverec.model.recommender import SequentialRecommender
+
+_ROUTE_CHUNK = 4096
+
+
+class CollectivePool(nn.Module):
+    """Pool `[P, Z]`, down `[Z, r]` and up `[r, Z]` projections, and fixed scales."""
+
+    def __init__(self, encoder: EncoderConfig, pool_size: int, rank: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        z = encoder.layers * 2 * encoder.dim
+        self.pool = nn.Parameter(torch.randn(pool_size, z) * 0.1)
+        self.down = nn.Parameter(torch.linalg.qr(torch.randn(z, rank))[0])
+        self.up = nn.Parameter(self.down.detach().T.clone())
+        self.register_buffer("center", torch.zeros(z))
+        self.register_buffer("scale", torch.ones(z))
+        self.register_buffer("code_scale", torch.full((rank,), 1.0 / 127))
+
+    # -- features ------------------------------------------------------------------------------
+
+    def features(self, cache: KVCache) -> Tensor:
+        """`[B, S, Z]` standardised, un-rotated K/V of every slot."""
+        rows = to_rows(cache)
+        rows = rotate_keys(rows, slot_positions(cache.valid, cache.next_pos), self.encoder.rope_base, inverse=True)
+        return (rows.flatten(2) - self.center) / self.scale
+
+    def rows(self, z: Tensor, positions: Tensor) -> Tensor:
+        """Inverse of `features`: `[B, S, Z]` -> rotated rows `[B, S, L, 2, H, Dh]`."""
+        e = self.encoder
+        rows = (z * self.scale + self.center).unflatten(2, (e.layers, 2, e.heads, e.head_dim))
+        return rotate_keys(rows, positions, e.rope_base)
+
+    def route(self, z: Tensor) -> Tensor:
+        """Nearest pool entry of each `z [.., Z]` -> indices `[..]` (chunked distances)."""
+        flat = z.detach().reshape(-1, z.shape[-1])
+        pool = self.pool.detach()
+        norms = (pool * pool).sum(1)
+        out = [
+            (norms - 2 * chunk @ pool.T).argmin(1) for chunk in flat.split(_ROUTE_CHUNK)
+        ]
+        return (torch.cat(out) if out else flat.new_zeros(0, dtype=torch.long)).reshape(z.shape[:-1])
+
+    # -- codes ---------------------------------------------------------------------------------
+
+    def codes(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(pool indices `[..]`, int8 user codes `[.., r]`)."""
+        index = self.route(z)
+        u = (z - self.pool[index]) @ self.down
+        q = torch.round(u / self.code_scale).clamp(-127, 127)
+        return index, q.to(torch.int8)
+
+    def from_codes(self, index: Tensor, q: Tensor) -> Tensor:
+        return self.pool[index] + (q.float() * self.code_scale) @ self.up
+
+    def reconstruct(self, cache: KVCache) -> KVCache:
+        """What decoding the codes gives, differentiably (straight-through int8 rounding)."""
+        z = self.features(cache)
+        index = self.route(z)
+        base = self.pool[index]
+        u = (z - base) @ self.down
+        q = torch.round(u / self.code_scale).clamp(-127, 127) * self.code_scale
+        u = u + (q - u).detach()
+        rows = self.rows(base + u @ self.up, slot_positions(cache.valid, cache.next_pos))
+        return from_rows(rows, cache.valid, cache.next_pos)
+
+    # -- fitting start -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_from(self, caches: Sequence[KVCache], iters: int = 8, seed: int = 0, max_rows: int = 32768) -> None:
+        """Start from data: standardisation, k-means pool, PCA projections, code scales."""
+        gen = torch.Generator().manual_seed(seed)
+        raw = []
+        for cache in caches:
+            rows = rotate_keys(to_rows(cache), slot_positions(cache.valid, cache.next_pos), self.encoder.rope_base, True)
+            raw.append(rows.flatten(2)[cache.valid].float())
+        x = torch.cat(raw)
+        if x.shape[0] > max_rows:
+            x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
+        self.center.copy_(x.mean(0))
+        self.scale.copy_(x.std(0).clamp(min=1e-6))
+        z = (x - self.center) / self.scale
+        p = self.pool.shape[0]
+        centers = z[torch.randperm(z.shape[0], generator=gen)[:p]].clone()
+        if centers.shape[0] < p:  # fewer rows than entries: repeat with jitter
+            extra = centers[torch.randint(centers.shape[0], (p - centers.shape[0],), generator=gen)]
+            centers = torch.cat((centers, extra + 0.01 * torch.randn(extra.shape, generator=gen)))
+        self.pool.copy_(centers)
+        for _ in range(iters):
+            index = self.route(z)
+            sums = torch.zeros_like(centers).index_add_(0, index, z)
+            counts = torch.bincount(index, minlength=p).float()
+            used = counts > 0
+            centers[used] = sums[used] / counts[used, None]
+            self.pool.copy_(centers)
+        residual = z - self.pool[self.route(z)]
+        _, _, vh = torch.linalg.svd(residual, full_matrices=False)
+        rank = self.down.shape[1]
+        self.down.copy_(vh[:rank].T)
+        self.up.copy_(vh[:rank])
+        self.calibrate(z)
+
+    @torch.no_grad()
+    def calibrate(self, z: Tensor, quantile: float = 0.999) -> None:
+        """Set the int8 scale of each user dim from standardised features `z [N, Z]`."""
+        u = (z - self.pool[self.route(z)]) @ self.down
+        top = torch.quantile(u.abs()[: 1 << 16].float(), quantile, dim=0)
+        self.code_scale.copy_((top / 127.0).clamp(min=1e-8))
+
+
+class CollectiveCodec(StateCodec):
+    codec_id = "collective"
+    incremental = True
+
+    def __init__(self, encoder: EncoderConfig, pool_size: int, rank: int) -> None:
+        super().__init__(encoder)
+        self.pool_size, self.rank = pool_size, rank
+        self.index_bytes = 1 if pool_size <= 256 else 2
+        self.index_dtype = np.uint8 if self.index_bytes == 1 else np.dtype("<u2")
+        self.pos_bytes = self.index_bytes + rank
+        self.collective = CollectivePool(encoder, pool_size, rank)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.collective
+
+    def _code_bytes(self, index: Tensor, q: Tensor) -> bytes:
+        n = index.shape[0]
+        idx = index.cpu().numpy().astype(self.index_dtype).view(np.uint8).reshape(n, self.index_bytes)
+        return np.concatenate((idx, q.cpu().numpy().view(np.uint8).reshape(n, self.rank)), 1).tobytes()
+
+    def encode(self, cache: KVCache, model: SequentialRecommender | None = None) -> list[bytes]:
+        with torch.no_grad():
+            index, q = self.collective.codes(self.collective.features(cache))
+        valid = cache.valid
+        return [
+            HEAD.pack(int(cache.next_pos[b]), int(valid[b].sum())) + self._code_bytes(index[b][valid[b]], q[b][valid[b]])
+            for b in range(valid.shape[0])
+        ]
+
+    def _parse(self, payload: bytes) -> tuple[int, int, np.ndarray]:
+        next_pos, n = read_head(payload, self.codec_id)
+        check_length(payload, HEAD.size + n * self.pos_bytes, self.codec_id)
+        return next_pos, n, np.frombuffer(payload, dtype=np.uint8, offset=HEAD.size).reshape(n, self.pos_bytes)
+
+    def decode(self, payloads: Sequence[bytes], device: torch.device | str = "cpu") -> KVCache:
+        parsed = [self._parse(p) for p in payloads]
+        counts = torch.tensor([n for _, n, _ in parsed], dtype=torch.long)
+        width = int(counts.max()) if parsed else 0
+        valid = torch.arange(width)[None, :] >= (width - counts)[:, None]
+        index = torch.zeros(len(parsed), width, dtype=torch.long)
+        q = torch.zeros(len(parsed), width, self.rank, dtype=torch.int8)
+        if width:
+            codes = np.concatenate([c for _, _, c in parsed])
+            idx = np.ascontiguousarray(codes[:, : self.index_bytes]).view(self.index_dtype).reshape(-1)
+            index[valid] = torch.from_numpy(idx.astype(np.int64))
+            q[valid] = torch.from_numpy(np.ascontiguousarray(codes[:, self.index_bytes:]).view(np.int8))
+        next_pos = torch.tensor([p for p, _, _ in parsed], dtype=torch.long)
+        index, q, valid, next_pos = index.to(device), q.to(device), valid.to(device), next_pos.to(device)
+        pool = self.collective
+        with torch.no_grad():
+            rows = pool.rows(pool.from_codes(index, q), slot_positions(valid, next_pos))
+        return from_rows(rows, valid, next_pos)
+
+    def append(self, payloads: Sequence[bytes], new: KVCache) -> list[bytes]:
+        with torch.no_grad():
+            index, q = self.collective.codes(self.collective.features(new))
+        out = []
+        for b, payload in enumerate(payloads):
+            pos, n, _ = self._parse(payload)
+            added = int(new.valid[b].sum())
+            if pos + added != int(new.next_pos[b]):
+                raise ValueError(
+                    f"append: user {b} was at position {pos}, {added} new events must end at {pos + added}, "
+                    f"but new.next_pos is {int(new.next_pos[b])}"
+                )
+            fresh = self._code_bytes(index[b][new.valid[b]], q[b][new.valid[b]])
+            out.append(HEAD.pack(pos + added, n + added) + payload[HEAD.size:] + fresh)
+        return out
+
+    def auxiliary_loss(
+        self,
+        model: SequentialRecommender,
+        cache: KVCache,
+        item_rows: Tensor | None = None,
+        rank_rows: Tensor | None = None,
+        reconstruction: float = 0.1,
+    ) -> Tensor:
+        """Distillation (see `distill.distillation_loss`) plus a small reconstruction term on the
+        standardised K/V, which keeps entries the scores barely see from drifting."""
+        student = self.collective.reconstruct(cache)
+        loss = distillation_loss(model, cache, student, item_rows, rank_rows)
+        if reconstruction:
+            z_t = self.collective.features(cache)
+            z_s = self.collective.features(student)
+            mask = cache.valid
+            loss = loss + reconstruction * F.mse_loss(z_s[mask], z_t[mask].detach())
+        return loss
+
+    def bytes_per_user(self, history_len: int) -> int:
+        return HEAD.size + history_len * self.pos_bytes
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(
+            refresh=f"append: route one position over {self.pool_size} pool entries, project to {self.rank} dims",
+            serve="gather pool rows, add the rank-r part, rotate keys; attention over all positions",
+        )
