@@ -411,6 +411,9 @@ def build_server(config: ServingConfig, backend: Backend,
                  registry: CollectorRegistry | None = None) -> tuple[RecommenderServer, int]:
     """A server bound to config.host:config.port (port 0: a free one), not yet started.
 
+    `registry`: where the service's metrics go (a fresh one when None); the replica registers
+    its own metrics there too, so one /metrics serves both.
+
     Health starts NOT_SERVING; /metrics is served on config.metrics_host:metrics_port from now
     on unless metrics_port is -1. The thread pool covers every request that may be waiting
     (queued or in a batch) plus headroom, so that a full queue is answered RESOURCE_EXHAUSTED
@@ -420,15 +423,13 @@ def build_server(config: ServingConfig, backend: Backend,
     batcher = Batcher(backend, config, metrics)
     pool = futures.ThreadPoolExecutor(max_workers=config.max_queue + config.max_batch + THREAD_HEADROOM,
                                       thread_name_prefix="liverec-grpc")
-    server = grpc.server(pool)
+    server = grpc.server(pool, options=[("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
     recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderService(batcher, config, metrics), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     _set_health(health_servicer, False)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind gRPC on {config.host}:{config.port}")
+    port = server.add_insecure_port(f"{config.host}:{config.port}")  # RuntimeError when it cannot bind
     metrics_http = None
     if config.metrics_port >= 0:
         metrics_http = start_http_server(config.metrics_port, addr=config.metrics_host, registry=metrics.registry)[0]

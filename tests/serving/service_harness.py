@@ -72,7 +72,7 @@ class LocalBackend:
         self.entered = threading.Event()
         self.scored: list[Query] = []
 
-    def publish(self, snapshot: ModelSnapshot) -> None:
+    def publish(self, snapshot: ModelSnapshot | None) -> None:
         self._snapshot = snapshot
 
     def snapshot(self) -> ModelSnapshot | None:

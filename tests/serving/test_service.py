@@ -12,8 +12,9 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from liverec.platform.config import ServingConfig
 from liverec.serving.backend import Query
-from liverec.serving.service import SERVICE_NAME
+from liverec.serving.service import SERVICE_NAME, build_server
 from liverec.v1 import recommender_pb2 as pb
 from tests.serving.service_harness import (
     COLD_USER, HISTORIES, MODEL_VERSION, N_ITEMS, LocalBackend, Running, running, shared_snapshot, wait_for_health,
@@ -159,6 +160,13 @@ def test_health_turns_serving_once_the_backend_is_ready() -> None:
             assert status == health_pb2.HealthCheckResponse.SERVING
         assert call(serve, user_id=1, k=3).model_version == MODEL_VERSION
         assert serve.metric("liverec_serving_requests_total", method="Recommend", code="UNAVAILABLE") == 1
+        backend.publish(None)  # e.g. the replica fell behind: no longer ready
+        wait_for_health(serve.channel, SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def test_port_in_use_is_refused_not_shared(serve: Running) -> None:
+    with pytest.raises(RuntimeError, match="Failed to bind"):
+        build_server(ServingConfig(port=serve.port, metrics_port=-1), LocalBackend(shared_snapshot()))
 
 
 def test_metrics_endpoint_exports_the_serving_metrics() -> None:
