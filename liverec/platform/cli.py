@@ -130,6 +130,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from liverec.serving.process import run_serve
+
+    config = _config(args)
+    changes = {k: v for k, v in (("port", args.port), ("state_dir", args.state_dir),
+                                 ("metrics_port", args.metrics_port), ("device", args.device)) if v is not None}
+    if changes:
+        config = dataclasses.replace(config, serving=dataclasses.replace(config.serving, **changes))
+    return run_serve(config)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from liverec.trainer import evaluate
 
@@ -181,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-exit", type=float, default=None, help="stop after this many seconds without new events")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="run a serving replica: gRPC Recommend from the trainer's state and params")
+    p.add_argument("--port", type=int, default=None, help="gRPC port on serving.host (0: any free)")
+    p.add_argument("--state-dir", default=None, help="the replica's RocksDB (default: serving.state_dir)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: any free, -1: none)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", help="leave-one-out evaluation: online pass vs offline training vs popularity",
                        add_help=False)

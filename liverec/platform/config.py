@@ -152,6 +152,22 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """Per-user serving state: which codec compresses it (see liverec.model.codecs) and its params."""
+
+    codec: str = "int8"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from liverec.model.codecs.registry import codec_config
+
+        try:
+            codec_config(self.codec, **self.params)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("state.codec", str(exc)) from None
+
+
+@dataclass(frozen=True)
 class ServingConfig:
     """A serving replica. Requests queue for at most `max_wait_ms` to form batches of up to
     `max_batch`; beyond `max_queue` waiting requests new ones are refused (RESOURCE_EXHAUSTED)."""
@@ -192,6 +208,7 @@ class LiverecConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data_dir: str = "../shared/data"
 

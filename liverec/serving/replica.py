@@ -27,11 +27,12 @@ from liverec.platform.config import LiverecConfig
 from liverec.platform.kafka import make_consumer
 from liverec.serving.backend import ModelSnapshot, UserState
 from liverec.serving.params import ParamsMaterializer, ParamsVersion
+from liverec.serving.states import pack
 from liverec.v1 import params_pb2
 
 log = logging.getLogger(__name__)
 
-StateDecoder = Callable[[list[bytes], ModelSnapshot], list[UserState | None]]
+StateDecoder = Callable[[list[bytes | None], ModelSnapshot], list[UserState | None]]
 
 _CF_STATE, _CF_ROWS, _CF_META = "state", "rows", "meta"
 
@@ -78,14 +79,9 @@ class Replica:
     def snapshot(self) -> ModelSnapshot | None:
         return self._snapshot
 
-    def states(self, user_ids: list[int], snapshot: ModelSnapshot) -> list[UserState | None]:
-        raws = self._state.get([user_key(u) for u in user_ids])
-        present = [i for i, raw in enumerate(raws) if raw is not None]
-        decoded = self.decode_states([raws[i] for i in present], snapshot) if present else []
-        out: list[UserState | None] = [None] * len(user_ids)
-        for i, state in zip(present, decoded):
-            out[i] = state
-        return out
+    def get(self, user_ids: list[int], snapshot: ModelSnapshot) -> list[UserState | None]:
+        """The StateSource the scorer reads: decoded states, None for unknown or unusable ones."""
+        return self.decode_states(self._state.get([user_key(u) for u in user_ids]), snapshot)
 
     def ready(self) -> bool:
         """A snapshot exists and every partition is within `ready_max_lag` records of its end."""
@@ -209,7 +205,7 @@ class Replica:
             if rec.value is None:
                 batch.delete(key, state)
             else:
-                batch.put(key, rec.value, state)
+                batch.put(key, pack(rec.value, dict(rec.headers or ()).get("seen", b"")), state)
         batch.put(_offset_key(tp.topic, tp.partition), str(records[-1].offset + 1).encode(),
                   self._db.get_column_family_handle(_CF_META))
         self._db.write(batch)

@@ -40,6 +40,8 @@ class TrainerMetrics:
         self.checkpoint_age.set_function(self._checkpoint_age)
         self.lag = Gauge("liverec_trainer_consumer_lag", "Records behind the log end, per partition.",
                          ["partition"], registry=r)
+        self.state_refreshes = Counter("liverec_trainer_state_refreshes", "User states re-encoded and published.",
+                                       registry=r)
         self.model_version = Gauge("liverec_trainer_model_version", "Dense model version (batches applied).",
                                    registry=r)
         self._last_checkpoint_time = time.time()

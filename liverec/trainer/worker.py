@@ -31,16 +31,19 @@ from kafka.structs import OffsetAndMetadata
 
 from liverec.embedding_store.config import TableConfig
 from liverec.embedding_store.store import EmbeddingStore
-from liverec.platform.config import LiverecConfig
+from liverec.model.codecs.base import StateCodec
+from liverec.model.codecs.registry import codec_from_config
+from liverec.platform.config import ConfigError, LiverecConfig
 from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
 from liverec.trainer.checkpoint import CheckpointManager
-from liverec.trainer.decode import Rejected, decode_records
+from liverec.trainer.decode import EventBatch, Rejected, decode_records
 from liverec.trainer.dlq import DeadLetterQueue
 from liverec.trainer.history import HistoryStore
 from liverec.trainer.items import ITEM_TABLE, StoreItemTable
 from liverec.trainer.learner import OnlineLearner, StepResult
 from liverec.trainer.metrics import TrainerMetrics
 from liverec.trainer.publish import ParamPublisher
+from liverec.trainer.state import StateWriter
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,16 @@ class Counters:
     ndcg_sum: float = 0.0
     pop_hits: float = 0.0
     pop_ndcg_sum: float = 0.0
+
+
+def build_online_codec(config: LiverecConfig) -> StateCodec:
+    """The codec the trainer refreshes states with; learned codecs are not trained online yet."""
+    codec = codec_from_config(config.state.codec, config.model, **config.state.params)
+    if codec.module is not None:
+        raise ConfigError("state.codec", f"{config.state.codec!r} has learned parts, which the online trainer does "
+                          "not train yet; use full, int8, window or pages (learned codecs are fitted by "
+                          "`liverec bench state`)")
+    return codec
 
 
 def item_table_config(config: LiverecConfig) -> TableConfig:
@@ -98,6 +111,7 @@ class TrainerWorker:
         self._last_event_time_ms = 0
         self._last_lag_time = 0.0
         self.metrics_port: int | None = None
+        self.codec = build_online_codec(config)
         # Cumulative wall seconds per stage (consume, decode, history, prequential, store,
         # forward_backward, checkpoint): the train benchmark reports their shares.
         self.stage_seconds: dict[str, float] = {}
@@ -170,6 +184,8 @@ class TrainerWorker:
                 self.consumer.seek_to_beginning(tp)
         self.dlq = DeadLetterQueue(make_producer(config.kafka), config.topics.dlq, self.metrics)
         self.publisher = ParamPublisher(make_producer(config.kafka), config.topics.params, config.model)
+        self.states = StateWriter(self.codec, self.state_dir / "state", make_producer(config.kafka),
+                                  config.topics.user_state)
 
     def _log_ends(self) -> dict[int, int] | None:
         """Each partition's log end offset, from the high watermark of the latest fetch responses.
@@ -292,6 +308,10 @@ class TrainerWorker:
         if result is not None:
             self._record(result)
             self._last_event_time_ms = max(self._last_event_time_ms, int(batch.event_time_ms.max()))
+            refresh_start = time.perf_counter()
+            self._refresh_states(batch)
+            self.stage_seconds["state_refresh"] = (self.stage_seconds.get("state_refresh", 0.0)
+                                                   + time.perf_counter() - refresh_start)
         if before // tc.expire_every_events != self.counters.applied // tc.expire_every_events and len(batch):
             self.store.expire(int(batch.event_time_ms.max()) // 1000)
         self._events_since_checkpoint += len(records)
@@ -316,6 +336,16 @@ class TrainerWorker:
         self.publisher.publish(self.store, self.learner.model, self.learner.version, self._last_event_time_ms)
         self._last_publish_time = time.monotonic()
         self.stage_seconds["publish"] = self.stage_seconds.get("publish", 0.0) + time.perf_counter() - start
+
+    def _refresh_states(self, batch: EventBatch) -> None:
+        """Re-encode the state of every user in `batch` with the model that just learned from it."""
+        order = np.lexsort((batch.offset, batch.user_id))
+        users, first = np.unique(batch.user_id[order], return_index=True)
+        last = order[np.append(first[1:], len(order)) - 1]  # each user's newest event in the batch
+        refreshed = self.states.refresh(users, self.history.get_many(users), batch.offset[last],
+                                        batch.event_time_ms[last], self.learner.model, self.learner.items,
+                                        self.learner.version)
+        self.metrics.state_refreshes.inc(refreshed)
 
     def _dead_letter(self, rejected: list[Rejected]) -> None:
         if not rejected:
@@ -354,6 +384,8 @@ class TrainerWorker:
                 self.publish()
         finally:
             self.publisher.producer.close()
+            self.states.producer.close()
+            self.states.close()
             self.dlq.producer.close()
             self.consumer.close()
             self.history.close()

@@ -13,8 +13,8 @@ from liverec.trainer.worker import TrainerWorker
 from tests.trainer.conftest import publish_ml100k, small
 
 
-def no_states(raws, snapshot):
-    return [None] * len(raws)
+def no_states(values, snapshot):
+    return [None] * len(values)
 
 
 def wait_for(predicate, timeout_s: float = 30.0) -> None:
