@@ -38,7 +38,13 @@ system-deps:
 demo: setup
 	$(VENV)/bin/liverec demo
 
-test: setup system-deps
+NODE_DEPS := tests/serving/node/node_modules
+
+# The gRPC interop test's Node.js client (@grpc/grpc-js, @grpc/proto-loader), pinned by its lock file.
+$(NODE_DEPS): tests/serving/node/package-lock.json
+	cd tests/serving/node && npm ci --no-audit --no-fund && touch node_modules
+
+test: setup system-deps $(NODE_DEPS)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: setup

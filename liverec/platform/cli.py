@@ -141,6 +141,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(config)
 
 
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from liverec.serving import client
+
+    return int(client.main(args.rest, config=_config(args)))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from liverec.trainer import evaluate
 
@@ -199,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: any free, -1: none)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("recommend", help="ask a serving replica for a user's top-k", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="USER [--k N] [--target HOST:PORT] [--json] ...")
+    p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("evaluate", help="leave-one-out evaluation: online pass vs offline training vs popularity",
                        add_help=False)
