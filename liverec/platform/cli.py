@@ -229,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # bench, evaluate and recommend pass their arguments through to their own parsers.
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "rest"):
+        args.rest = extra + args.rest
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
