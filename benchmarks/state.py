@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from liverec.model import EncoderConfig, KVCache, ModelConfig, SequentialRecommender
 from liverec.model.losses import sampled_softmax_loss
+from liverec.model.codecs import StateCodec, codec_from_config, fit_codec, last_events
 from liverec.model.metrics import hit_rate, ndcg, target_ranks
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,8 +64,8 @@ class Plan:
     timing_users: int
 
 
-FULL_PLAN = Plan(epochs=6, batch_windows=64, negatives=512, lr=3e-3, fit_steps=300, fit_batch=128, timing_users=64)
-QUICK_PLAN = Plan(epochs=2, batch_windows=64, negatives=512, lr=3e-3, fit_steps=60, fit_batch=128, timing_users=16)
+FULL_PLAN = Plan(epochs=6, batch_windows=64, negatives=512, lr=3e-3, fit_steps=150, fit_batch=128, timing_users=64)
+QUICK_PLAN = Plan(epochs=1, batch_windows=64, negatives=512, lr=3e-3, fit_steps=20, fit_batch=128, timing_users=16)
 #: In-batch negatives cost M^2 for M targets (thousands per batch here): uniform negatives only.
 MODEL = ModelConfig(encoder=EncoderConfig(dim=64, layers=2, heads=2, max_len=50, dropout=0.2), in_batch_negatives=False)
 
@@ -191,15 +192,277 @@ def eval_cache(model: SequentialRecommender, table: nn.Embedding, data: Data) ->
     return encode_histories(model, table, items, valid)
 
 
-@torch.no_grad()
-def quality(model: SequentialRecommender, table: nn.Embedding, data: Data, cache: KVCache) -> dict[str, float]:
-    """HR@10 / NDCG@10, full catalog, the user's training items excluded."""
-    item_rows = model.item_side(table.weight).retrieval
-    scores = model.retrieval_scores(model.user_hidden(cache), item_rows)
+def seen_mask(data: Data) -> Tensor:
+    """`[users, items]` True where the evaluated user has the item in its training events."""
     lengths = np.diff(data.train_indptr)[data.users]
     owner = torch.from_numpy(np.repeat(np.arange(len(data.users)), lengths))
     seen = torch.from_numpy(np.concatenate([data.train_items[data.train_indptr[u]:data.train_indptr[u + 1]] for u in data.users]))
-    exclude = torch.zeros_like(scores, dtype=torch.bool)
-    exclude[owner, seen] = True
+    mask = torch.zeros(len(data.users), data.num_items, dtype=torch.bool)
+    mask[owner, seen] = True
+    return mask
+
+
+@torch.no_grad()
+def quality(model: SequentialRecommender, item_rows: Tensor, data: Data, exclude: Tensor, cache: KVCache) -> tuple[dict[str, float], Tensor]:
+    """HR@10 / NDCG@10, full catalog, the user's training items excluded; and each user's
+    top-10 list under the same exclusion (to compare codecs' lists with `full`'s)."""
+    scores = model.retrieval_scores(model.user_hidden(cache), item_rows)
     ranks = target_ranks(scores, torch.from_numpy(data.targets), exclude)
-    return {"HR@10": hit_rate(ranks, K).mean().item(), "NDCG@10": ndcg(ranks, K).mean().item()}
+    top = scores.masked_fill(exclude, -math.inf).topk(K, dim=1).indices
+    return {"HR@10": hit_rate(ranks, K).mean().item(), "NDCG@10": ndcg(ranks, K).mean().item()}, top
+
+
+def top10_overlap(top: Tensor, reference: Tensor) -> float:
+    """Mean fraction of `full`'s top-10 list that a codec's list also holds: agreement with
+    `full`, far less noisy than the ratios of HR/NDCG over a thousand held-out events."""
+    return float((top[:, :, None] == reference[:, None, :]).any(2).float().mean())
+
+
+# -- the codecs ------------------------------------------------------------------------------------
+
+
+#: (row label, codec name, config params): every codec, with the variants the table compares.
+CODECS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("full", "full", {}),
+    ("full-bf16", "full", {"dtype": "bfloat16"}),
+    ("int8", "int8", {}),
+    ("window-16", "window", {"window": 16}),
+    ("pages-4x4", "pages", {"page_size": 4, "pages": 4, "recent_pages": 1}),
+    ("summary-8", "summary", {"tokens": 8}),
+    ("collective-256-r4", "collective", {"pool_size": 256, "rank": 4}),
+    ("collective-256-r2", "collective", {"pool_size": 256, "rank": 2}),
+)
+
+
+def fit_caches(model: SequentialRecommender, table: nn.Embedding, data: Data, batch: int) -> list[KVCache]:
+    """Full caches of the training windows' histories (no held-out event), in batches."""
+    items, valid = training_windows(data, MODEL.encoder.max_len)
+    return [encode_histories(model, table, items[i:i + batch, :-1], valid[i:i + batch, :-1]) for i in range(0, len(items), batch)]
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` runs (after one warm-up)."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples))
+
+
+@torch.no_grad()
+def refresh_costs(codec: StateCodec, model: SequentialRecommender, table: nn.Embedding, data: Data, users: int) -> dict[str, float]:
+    """µs per event for `users` users that each get one new event (see the module docstring)."""
+    items, valid = eval_histories(data, MODEL.encoder.max_len)
+    items, valid = items[:users], valid[:users]
+    hist_items, hist_valid = items[:, 1:], valid[:, 1:]  # the last max_len - 1 events ...
+    new_items = items[:, -1:]  # ... then the newest as the new event
+    cache = encode_histories(model, table, items[:, :-1], valid[:, :-1])
+    emb, actions = table(new_items), torch.full_like(new_items, ACTION)
+    ones = torch.ones(users, dtype=torch.long)
+    if codec.incremental:
+        payloads = codec.encode(cache, model)
+        _, ext = model.encoder.extend(cache, emb, actions)
+        new = last_events(ext, ones)
+        codec_only = timed(lambda: codec.append(payloads, new), 3)
+
+        def with_model() -> None:
+            decoded = codec.decode(payloads)
+            _, extended = model.encoder.extend(decoded, emb, actions)
+            codec.append(payloads, last_events(extended, ones))
+
+        total = timed(with_model, 3)
+    else:
+        full = encode_histories(model, table, hist_items, hist_valid)
+        codec_only = timed(lambda: codec.encode(full, model), 3)
+        total = timed(lambda: codec.encode(encode_histories(model, table, hist_items, hist_valid), model), 3)
+    return {"refresh_us_per_event": codec_only / users * 1e6, "refresh_with_model_us_per_event": total / users * 1e6}
+
+
+@torch.no_grad()
+def serve_cost(codec: StateCodec, model: SequentialRecommender, item_rows: Tensor, payloads: Sequence[bytes], requests: int) -> float:
+    """µs per request: decode one user's payload, score the whole catalog, take the top 10."""
+    picks = payloads[:requests]
+
+    def run() -> None:
+        for p in picks:
+            cache = codec.decode([p])
+            model.retrieval_scores(model.user_hidden(cache), item_rows).topk(K, dim=1)
+
+    return timed(run, 3) / len(picks) * 1e6
+
+
+@torch.no_grad()
+def long_history(model: SequentialRecommender, length: int, seed: int, chunk: int = 500) -> KVCache:
+    """One synthetic user of `length` random events, encoded by chunked `extend` (capacity = length)."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = MODEL.encoder.dim
+    cache = KVCache.empty(MODEL.encoder, 1)
+    done = 0
+    while done < length:
+        n = min(chunk, length - done)
+        emb = torch.randn(1, n, dim, generator=gen) * 0.1
+        _, cache = model.encoder.extend(cache, emb, torch.full((1, n), ACTION, dtype=torch.long), capacity=length)
+        done += n
+    return cache
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def run(dataset: str, plan: Plan, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+    torch.manual_seed(0)
+    data = load_data(dataset)
+    log(f"data: {len(data.users)} users, {data.num_items} items, {len(data.train_items)} training events")
+    log("training the model (SASRec-style, retrieval loss)")
+    model, table = train_model(data, plan, log=log)
+    for p in [*model.parameters(), *table.parameters()]:
+        p.requires_grad_(False)
+    cache = eval_cache(model, table, data)
+    item_rows = model.item_side(table.weight).retrieval
+    exclude = seen_mask(data)
+    _, reference = quality(model, item_rows, data, exclude, cache)
+    caches = fit_caches(model, table, data, plan.fit_batch)
+    rows: list[dict[str, Any]] = []
+    for label, name, params in CODECS:
+        codec = codec_from_config(name, MODEL, **params)
+        fit_s = 0.0
+        if codec.module is not None:
+            start = time.perf_counter()
+            losses = fit_codec(codec, model, caches, item_rows, steps=plan.fit_steps)
+            fit_s = time.perf_counter() - start
+            log(f"  fitted {label} in {fit_s:.1f}s: auxiliary loss {np.mean(losses[:10]):.2e} -> {np.mean(losses[-10:]):.2e}")
+        payloads = codec.encode(cache, model)
+        sizes = np.array([len(p) for p in payloads])
+        assert all(s == codec.bytes_per_user(int(n)) for s, n in zip(sizes, cache.lengths.tolist(), strict=True))
+        decoded = codec.decode(payloads)
+        metrics, top = quality(model, item_rows, data, exclude, decoded)
+        row: dict[str, Any] = {
+            "codec": label, "name": name, "params": params, "incremental": codec.incremental,
+            "bytes_mean": float(sizes.mean()), "bytes_p99": float(np.percentile(sizes, 99)),
+            **metrics,
+            "top10_overlap": top10_overlap(top, reference),
+            **refresh_costs(codec, model, table, data, plan.timing_users),
+            "decode_score_us_per_request": serve_cost(codec, model, item_rows, payloads, plan.timing_users),
+            "fit_s": fit_s,
+            "cost": {"refresh": codec.cost.refresh, "serve": codec.cost.serve},
+        }
+        row["bytes_at_length"] = {}
+        for length in HISTORY_LENGTHS:
+            size = len(codec.encode(long_history(model, length, seed=length), model)[0])
+            assert size == codec.bytes_per_user(length)
+            row["bytes_at_length"][str(length)] = size
+        rows.append(row)
+        log(f"  {label}: {row['bytes_mean']:.0f} B, NDCG@10 {row['NDCG@10']:.4f}, top-10 overlap {row['top10_overlap']:.4f}")
+    full = rows[0]
+    for row in rows:
+        row["bytes_ratio"] = row["bytes_mean"] / full["bytes_mean"]
+        row["HR@10_ratio"] = row["HR@10"] / full["HR@10"] if full["HR@10"] else math.nan
+        row["NDCG@10_ratio"] = row["NDCG@10"] / full["NDCG@10"] if full["NDCG@10"] else math.nan
+    small = [r for r in rows if r["bytes_ratio"] <= 0.01 and r["NDCG@10_ratio"] >= 0.99]
+    flat = {
+        r["codec"]: r["bytes_at_length"]["200"] == r["bytes_at_length"]["10000"]
+        for r in rows if r["name"] in ("pages", "summary")
+    }
+    return {
+        "benchmark": "state",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "processor": platform.machine(),
+                    "torch_threads": torch.get_num_threads(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "dataset": dataset,
+        "model": {"dim": MODEL.encoder.dim, "layers": MODEL.encoder.layers, "heads": MODEL.encoder.heads,
+                  "max_len": MODEL.encoder.max_len, "epochs": plan.epochs, "item_table": "nn.Embedding (not the store)"},
+        "users": len(data.users),
+        "items": data.num_items,
+        "rows": rows,
+        "targets": {
+            "small_and_good": {"bytes_ratio_max": 0.01, "ndcg_ratio_min": 0.99,
+                               "met_by": [r["codec"] for r in small], "met": bool(small)},
+            "flat_bytes_200_to_10000": {"codecs": flat, "met": bool(flat) and all(flat.values())},
+        },
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    head = (f"{'codec':<18} {'B/user':>8} {'p99':>8} {'ratio':>7} {'HR@10':>7} {'NDCG@10':>8} {'ndcg/full':>9} "
+            f"{'top10=':>6} {'refresh':>8} {'+model':>8} {'serve':>8} " + " ".join(f"{'@' + str(n):>9}" for n in HISTORY_LENGTHS))
+    lines = [
+        f"state codecs on {Path(result['dataset']).name}: {result['users']} users, {result['items']} items "
+        f"(load {result['machine']['loadavg_start'][0]:.1f}->{result['machine']['loadavg_end'][0]:.1f}, {result['seconds']:.0f}s)",
+        "refresh / +model / serve in µs (per event / per event incl. model work / per request: decode + full-catalog top-10)",
+        head,
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['codec']:<18} {r['bytes_mean']:>8.0f} {r['bytes_p99']:>8.0f} {r['bytes_ratio']:>7.4f} {r['HR@10']:>7.4f} "
+            f"{r['NDCG@10']:>8.4f} {r['NDCG@10_ratio']:>9.3f} {r['top10_overlap']:>6.4f} {r['refresh_us_per_event']:>8.1f} "
+            f"{r['refresh_with_model_us_per_event']:>8.1f} {r['decode_score_us_per_request']:>8.0f} "
+            + " ".join(f"{r['bytes_at_length'][str(n)]:>9}" for n in HISTORY_LENGTHS)
+        )
+    t = result["targets"]
+    lines.append(
+        f"target <=1% of full bytes with >=99% of its NDCG@10: {'met by ' + ', '.join(t['small_and_good']['met_by']) if t['small_and_good']['met'] else 'NOT met'}; "
+        f"summary/pages bytes flat 200 -> 10,000: {'met' if t['flat_bytes_200_to_10000']['met'] else 'NOT met'}"
+    )
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in result["rows"]:
+        ax.scatter(r["bytes_mean"], r["NDCG@10_ratio"], s=36)
+        ax.annotate(r["codec"], (r["bytes_mean"], r["NDCG@10_ratio"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    full = result["rows"][0]["bytes_mean"]
+    ax.axvline(0.01 * full, color="grey", ls=":", lw=1)
+    ax.axhline(0.99, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per user (mean, log scale)")
+    ax.set_ylabel("NDCG@10 / full's NDCG@10")
+    ax.set_title(f"State codecs on {Path(result['dataset']).name}: quality vs bytes (dotted: 1% of full, 99%)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="liverec bench state", description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, help="dataset directory or file (default ../shared/data/ml-100k)")
+    parser.add_argument("--quick", action="store_true", help="short run: one epoch, fewer fitting steps and timings")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (the log and table go to stderr)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="results file (default benchmarks/results/state.json, state-quick.json with --quick)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    out = sys.stderr if args.json else sys.stdout
+
+    def log(message: str) -> None:
+        print(message, file=out, flush=True)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors; a second thread only contends on a shared 2-core box
+    try:
+        result = run(args.dataset, QUICK_PLAN if args.quick else FULL_PLAN, args.quick, log)
+    finally:
+        torch.set_num_threads(threads)
+    output = args.output or RESULTS / ("state-quick.json" if args.quick else "state.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, output.with_name(output.stem.replace("state", "state_quality_vs_bytes") + ".png"))
+    log(format_table(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

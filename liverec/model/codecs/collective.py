@@ -101,15 +101,16 @@ class CollectivePool(nn.Module):
     def from_codes(self, index: Tensor, q: Tensor) -> Tensor:
         return self.pool[index] + (q.float() * self.code_scale) @ self.up
 
-    def reconstruct(self, cache: KVCache) -> KVCache:
-        """What decoding the codes gives, differentiably (straight-through int8 rounding)."""
-        z = self.features(cache)
-        index = self.route(z)
-        base = self.pool[index]
+    def approximate(self, z: Tensor) -> Tensor:
+        """What decoding the codes of `z` gives, differentiably (straight-through int8 rounding)."""
+        base = self.pool[self.route(z)]
         u = (z - base) @ self.down
         q = torch.round(u / self.code_scale).clamp(-127, 127) * self.code_scale
-        u = u + (q - u).detach()
-        rows = self.rows(base + u @ self.up, slot_positions(cache.valid, cache.next_pos))
+        return base + (u + (q - u).detach()) @ self.up
+
+    def reconstruct(self, cache: KVCache) -> KVCache:
+        """The decoded cache, differentiably: `approximate` of the cache's features, re-rotated."""
+        rows = self.rows(self.approximate(self.features(cache)), slot_positions(cache.valid, cache.next_pos))
         return from_rows(rows, cache.valid, cache.next_pos)
 
     # -- fitting start -------------------------------------------------------------------------
@@ -159,6 +160,7 @@ class CollectivePool(nn.Module):
 class CollectiveCodec(StateCodec):
     codec_id = "collective"
     incremental = True
+    fit_lr = 3e-3
 
     def __init__(self, encoder: EncoderConfig, pool_size: int, rank: int) -> None:
         super().__init__(encoder)
@@ -232,17 +234,17 @@ class CollectiveCodec(StateCodec):
         cache: KVCache,
         item_rows: Tensor | None = None,
         rank_rows: Tensor | None = None,
-        reconstruction: float = 0.1,
+        reconstruction: float = 0.01,
     ) -> Tensor:
         """Distillation (see `distill.distillation_loss`) plus a small reconstruction term on the
-        standardised K/V, which keeps entries the scores barely see from drifting."""
-        student = self.collective.reconstruct(cache)
-        loss = distillation_loss(model, cache, student, item_rows, rank_rows)
+        standardised K/V, which keeps pool entries the scores barely see from drifting."""
+        pool = self.collective
+        z = pool.features(cache).detach()
+        approx = pool.approximate(z)
+        rows = pool.rows(approx, slot_positions(cache.valid, cache.next_pos))
+        loss = distillation_loss(model, cache, from_rows(rows, cache.valid, cache.next_pos), item_rows, rank_rows)
         if reconstruction:
-            z_t = self.collective.features(cache)
-            z_s = self.collective.features(student)
-            mask = cache.valid
-            loss = loss + reconstruction * F.mse_loss(z_s[mask], z_t[mask].detach())
+            loss = loss + reconstruction * F.mse_loss(approx[cache.valid], z[cache.valid])
         return loss
 
     def bytes_per_user(self, history_len: int) -> int:

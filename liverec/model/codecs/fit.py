@@ -27,7 +27,7 @@ def fit_codec(
     caches: Sequence[KVCache],
     item_rows: Tensor | None = None,
     steps: int = 200,
-    lr: float = 1e-2,
+    lr: float | None = None,
     items_per_step: int = 512,
     seed: int = 0,
     log: Callable[[int, float], None] | None = None,
@@ -37,7 +37,8 @@ def fit_codec(
 
     `item_rows [N, D]` (`ItemSide.retrieval` rows of the catalog): each step compares retrieval
     logits over `items_per_step` of them drawn at random. `collective` starts from k-means / PCA
-    on the caches and recalibrates its int8 scales at the end.
+    on the caches and recalibrates its int8 scales at the end. `lr` defaults to the codec's
+    `fit_lr` (pool entries move in standardised units and want a smaller step than tokens).
     """
     module = codec.module
     loss_fn = getattr(codec, "auxiliary_loss", None)
@@ -52,7 +53,7 @@ def fit_codec(
         p.requires_grad_(False)
     model.eval()
     module.train()
-    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    opt = torch.optim.Adam(module.parameters(), lr=lr if lr is not None else getattr(codec, "fit_lr", 1e-2))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     losses = []
     try:
@@ -67,7 +68,7 @@ def fit_codec(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if log is not None:
                 log(step, losses[-1])
     finally:

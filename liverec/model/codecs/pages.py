@@ -14,7 +14,9 @@ Stored: the kept slots' K/V, oldest first, in the `full` payload layout; at most
 `pages * page_size` slots whatever the history length. Decoded: a cache whose slots are the
 kept events (their keys carry their positions; positions have gaps where pages were dropped)
 and whose `next_pos` is the user's true next position. A history of at most
-`pages * page_size` events keeps every slot, so it decodes exactly (in fp32).
+`pages * page_size` events keeps every slot, so it decodes exactly (in fp32); a longer one keeps
+exactly `pages * page_size` (the partial oldest page is never a candidate), so the bytes are
+`bytes_per_user(n)` exactly.
 
 Not incremental: a new event moves the query, which can change the selection; the trainer
 re-encodes from the user's full cache.
@@ -60,9 +62,11 @@ class PagesCodec(FullCodec):
         after = valid.long().flip(1).cumsum(1).flip(1)  # valid slots at or after each slot
         page = torch.where(valid, (after - 1) // self.page_size, torch.zeros_like(after))
         n_pages = int(page.max()) + 1 if valid.any() else 1
-        have = (valid.sum(1)[:, None] + self.page_size - 1) // self.page_size > torch.arange(n_pages, device=valid.device)
         if n_pages <= self.pages:
             return valid
+        # Candidates: whole pages only, so a user past the budget keeps exactly pages * page_size
+        # events (a partial oldest page only exists beyond the budget, where it is never needed).
+        have = valid.sum(1)[:, None] // self.page_size > torch.arange(n_pages, device=valid.device)
         with torch.no_grad():
             _, queries = query_vectors(model, cache)
             mass = torch.zeros(valid.shape[0], n_pages, device=valid.device)
@@ -80,7 +84,8 @@ class PagesCodec(FullCodec):
             mass = mass.masked_fill(~have, -math.inf)
             top = mass.topk(self.pages, dim=1).indices
             chosen = torch.zeros_like(have).scatter_(1, top, True) & have
-        return valid & chosen.gather(1, page)
+        fits = (valid.sum(1) + self.page_size - 1) // self.page_size <= self.pages
+        return valid & (fits[:, None] | chosen.gather(1, page))
 
     def encode(self, cache: KVCache, model: SequentialRecommender | None = None) -> list[bytes]:
         if model is None:

@@ -70,6 +70,7 @@ class SummaryTokens(nn.Module):
 class SummaryCodec(FullCodec):
     codec_id = "summary"
     incremental = False
+    fit_lr = 1e-2
 
     def __init__(self, encoder: EncoderConfig, tokens: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(encoder, dtype)

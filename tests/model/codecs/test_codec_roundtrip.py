@@ -85,19 +85,23 @@ def test_pages_keep_everything_when_the_history_fits(model, make_cache) -> None:
 
 
 def test_pages_keep_whole_pages_newest_first(model, make_cache) -> None:
-    cache = make_cache(6, 12, min_len=9, seed=5)
+    cache = make_cache(8, 12, min_len=3, seed=5)
     codec = codec_from_config("pages", ENC, page_size=2, pages=3, recent_pages=1)
     keep = codec.select(model, cache)
-    decoded = codec.decode(codec.encode(cache, model))
-    for b in range(6):
-        n = int(cache.valid[b].sum())
-        kept = keep[b][cache.valid[b]]  # in event order, oldest first
-        assert int(kept.sum()) == min(n, 6) or (n % 2 == 1 and int(kept.sum()) == 5)
-        assert kept[-2:].all()  # the newest page is always kept
-        pages = kept.flip(0).reshape(-1, 2) if n % 2 == 0 else torch.cat((kept.flip(0), kept[:1])).reshape(-1, 2)
-        assert (pages[:, 0] == pages[:, 1]).all()  # whole pages only
-        rows = user_rows(cache)[b][kept]
-        assert torch.equal(user_rows(decoded)[b], rows)
+    payloads = codec.encode(cache, model)
+    decoded = codec.decode(payloads)
+    lengths = cache.lengths.tolist()
+    assert any(n % 2 and n > 6 for n in lengths) and any(n <= 6 for n in lengths)  # both cases below
+    for b, n in enumerate(lengths):
+        newest_first = keep[b][cache.valid[b]].flip(0)
+        assert int(newest_first.sum()) == min(n, 6)
+        assert len(payloads[b]) == codec.bytes_per_user(n)
+        assert newest_first[:2].all()  # the newest page is always kept
+        if n > 6:
+            pairs = newest_first[: n // 2 * 2].reshape(-1, 2)
+            assert (pairs[:, 0] == pairs[:, 1]).all()  # whole pages only
+            assert n % 2 == 0 or not newest_first[-1]  # never the partial oldest page
+        assert torch.equal(user_rows(decoded)[b], user_rows(cache)[b][newest_first.flip(0)])
     assert torch.equal(decoded.next_pos, cache.next_pos)
     with torch.no_grad():
         assert torch.isfinite(model.user_hidden(decoded)).all()
@@ -197,3 +201,24 @@ def test_payloads_of_another_shape_are_refused(make_cache) -> None:
         codec_from_config("full", ENC, dtype="bfloat16").decode([payload])
     with pytest.raises(PayloadError, match="shorter than its header"):
         codec_from_config("collective", ENC).decode([b"abc"])
+
+
+def test_pages_pick_the_page_the_query_points_at(model, make_cache) -> None:
+    """Query-centric, not just recency: an old page whose keys align with the query token's
+    queries is kept over more recent pages, and a page pointing away is dropped."""
+    from liverec.model.codecs.trace import query_vectors
+
+    cache = make_cache(1, 12, min_len=12)
+    with torch.no_grad():
+        _, queries = query_vectors(model, cache)
+    layers = []
+    for (k, v), q in zip(cache.layers, queries, strict=True):
+        k = k * 0.01
+        k[:, :, 2:4] = 10 * q[:, :, None, :]  # page 4 of 6 (0 = newest): slots 2, 3
+        k[:, :, 8:10] = -10 * q[:, :, None, :]  # page 1: slots 8, 9
+        layers.append((k, v))
+    codec = codec_from_config("pages", ENC, page_size=2, pages=3, recent_pages=1)
+    keep = codec.select(model, KVCache(layers, cache.valid, cache.next_pos))[0]
+    assert keep[[2, 3, 10, 11]].all()  # the aligned page and the newest page
+    assert not keep[[8, 9]].any()
+    assert int(keep.sum()) == 6
