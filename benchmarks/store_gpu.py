@@ -302,13 +302,19 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_row("find_or_insert", "HashIndex.find_or_insert (store path)", load, batch, ms,
                              ss_rate, bandwidth, keys_in_table=n, hit_fraction=hit,
                              new_keys=int(ref_new.numel())))
-            if args.profile:
-                fns: dict[str, Callable[[], object]] = {
-                    "fused": lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=True)}
-                if hit == hits[0]:
-                    fns["unfused"] = lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=False)
-                    fns["HashIndex"] = lambda: index.find_or_insert(mixed)
-                _profile(fns, lambda: (restore(), _restore_state(index, state)), f"load {load} hit {hit}")
+            reset = lambda: (restore(), _restore_state(index, state))  # noqa: E731
+            K.BLOCK, K.NUM_WARPS, K.GROUP = best_foi[1:]
+            busy = _profile({"fused": lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n)},
+                            reset, f"load {load} hit {hit}", args.profile)
+            K.BLOCK, K.NUM_WARPS, K.GROUP = find_cfg
+            busy.update(_profile({
+                "unfused": lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=False),
+                "HashIndex": lambda: index.find_or_insert(mixed),
+            }, reset, f"load {load} hit {hit}", args.profile))
+            for row, name in zip(rows[-3:], ("fused", "unfused", "HashIndex")):
+                row["gpu_busy_us"] = round(busy[name], 1)
+                if busy[name] > 0:
+                    row["G_keys_per_s_gpu_busy_only"] = round(batch / busy[name] / 1e3, 3)
         restore()
         del index, state, snap_keys, snap_vals
         rows.append({"op": "bulk_insert", "variant": "kernels.cuda.insert", "load_factor": load,
@@ -340,32 +346,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _profile(fns: dict[str, Callable[[], object]], reset: Callable[[], object], label: str) -> None:
-    """Print where one call of each variant spends its GPU time (torch.profiler)."""
+def _profile(fns: dict[str, Callable[[], object]], reset: Callable[[], object], label: str,
+             show: bool = True) -> dict[str, float]:
+    """GPU busy time (us, kernels + memsets + copies) of one call of each variant, by
+    torch.profiler; with show, print where it goes. The gap to the CUDA-event time is host
+    time the GPU waited for (Python, launches, the sync)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    busy: dict[str, float] = {}
+    gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     for name, fn in fns.items():
         reset()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sync()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
             fn()
-            torch.cuda.synchronize()
-        print(f"--- profile {name}, {label}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+            sync()
+        events = prof.key_averages()
+        # Device-side events only (kernels, memsets, copies), as the profiler's own total:
+        # an operator's row repeats the time of the kernels it launched.
+        busy[name] = sum(e.self_device_time_total for e in events
+                         if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+        if show:
+            print(f"--- profile {name}, {label}: GPU busy {busy[name]:.1f} us")
+            print(events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     reset()
+    return busy
 
 
 def _print_table(result: dict[str, object]) -> None:
     print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}  "
           f"copy {result['copy_bandwidth_GB_per_s']} GB/s  capacity {result['capacity']}  "
           f"batch {result['batch']}")
-    head = f"{'op':15} {'variant':52} {'load':>5} {'hit':>4} {'Gkeys/s':>8} {'vs ss':>6} {'%bw':>6} {'%sect':>6}"
+    head = (f"{'op':15} {'variant':52} {'load':>5} {'hit':>4} {'Gkeys/s':>8} {'vs ss':>6} {'%bw':>6} "
+            f"{'%sect':>6} {'GPU-only':>8}")
     print(head)
     print("-" * len(head))
     for r in result["results"]:  # type: ignore[union-attr]
         print(f"{r['op']:15} {r['variant'][:52]:52} {r['load_factor']:>5} {str(r.get('hit_fraction', '')):>4} "
               f"{r['G_keys_per_s']:>8} {str(r.get('vs_searchsorted', '')):>6} "
-              f"{100 * r.get('bandwidth_fraction', 0):>5.1f}% {100 * r.get('sector_fraction', 0):>5.1f}%")
+              f"{100 * r.get('bandwidth_fraction', 0):>5.1f}% {100 * r.get('sector_fraction', 0):>5.1f}% "
+              f"{str(r.get('G_keys_per_s_gpu_busy_only', '')):>8}")
 
 
 if __name__ == "__main__":
