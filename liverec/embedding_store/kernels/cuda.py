@@ -400,7 +400,9 @@ def find_or_insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch
 
     new_keys are the distinct absent keys in ascending order; the r-th gets free_rows[r] while
     they last, then next_row + r - len(free_rows). Sentinel keys get -1 and are not inserted.
-    Raises if the table had no free slot for a new key (the caller grows it beforehand).
+    Raises if the table had no free slot for a new key (the caller grows it beforehand); the
+    fused path then erases what it claimed. The fused path relies on stored values (rows)
+    being >= 0 and free slots holding -1, as every kernel and HashIndex keep them.
     """
     cmask = _check(slot_keys, slot_vals, keys, free_rows)
     n = keys.numel()
