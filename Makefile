@@ -10,7 +10,7 @@ STAMP_DEPS := $(VENV)/.deps-stamp
 STAMP_PROTO := liverec/v1/.proto-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup proto demo test bench clean broker system-deps
+.PHONY: setup proto demo test test-cuda bench clean broker system-deps
 
 setup: $(STAMP_DEPS) $(STAMP_PROTO)
 
@@ -44,8 +44,14 @@ NODE_DEPS := tests/serving/node/node_modules
 $(NODE_DEPS): tests/serving/node/package-lock.json
 	cd tests/serving/node && npm ci --no-audit --no-fund && touch node_modules
 
+# OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning (see liverec/platform/cli.py).
 test: setup system-deps $(NODE_DEPS)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# On the device machine (its image's python3 has torch + Triton; no set-up there): the CUDA kernels
+# and the store against the CPU reference. --confcutdir: the root conftest needs the broker stack.
+test-cuda:
+	PYTHONPATH=. python3 -m pytest --confcutdir=tests/cuda -p no:cacheprovider tests/cuda $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/liverec bench ingest

@@ -54,6 +54,8 @@ class HashIndex:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" means the current GPU
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_load = max_load
         self._kernels = kernels_for(self.device)
         self._live = 0

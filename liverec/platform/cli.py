@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads OpenMP: idle OpenMP threads spin by default, which on a shared or small
+    # machine turns a 30 ms training step into a second (measured by benchmarks/store.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     # bench, evaluate and recommend pass their arguments through to their own parsers.
     args, extra = parser.parse_known_args(argv)
