@@ -34,6 +34,7 @@ proto: $(STAMP_PROTO)
 
 system-deps:
 	bash .ci/system-deps
+	bash .ci/system-deps-k8s
 
 demo: setup
 	$(VENV)/bin/liverec demo

@@ -427,6 +427,8 @@ def build_server(config: ServingConfig, backend: Backend,
     recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderService(batcher, config, metrics), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     _set_health(health_servicer, False)
+    # Kubernetes' liveness probe asks "liveness": a replica catching up is alive, just not ready.
+    health_servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")  # RuntimeError when it cannot bind
