@@ -48,9 +48,9 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -348,7 +348,12 @@ async def probe_phase(args: argparse.Namespace, config, users: list[int], grpc_p
         await asyncio.gather(*tasks)
         result["probe_seconds"] = time.monotonic() - start
         after_t, after_s = scrape(trainer_port), scrape(server_metrics_port)
-        result["trainer_stages"] = stage_means(before_t, after_t)
+        stages = stage_means(before_t, after_t)
+        if "total" in stages:  # the state refresh and bookkeeping have no stage of their own
+            listed = sum(v["mean_ms"] for k, v in stages.items() if k != "total")
+            stages["refresh_and_rest"] = {"batches": stages["total"]["batches"],
+                                          "mean_ms": max(0.0, stages["total"]["mean_ms"] - listed)}
+        result["trainer_stages"] = stages
         result["trainer_batches"] = result["trainer_stages"].get("total", {}).get("batches", 0)
         events = counter(before_t, after_t, "liverec_trainer_events_consumed_total")
         result["trainer_events_per_batch"] = events / result["trainer_batches"] if result["trainer_batches"] else None
@@ -440,6 +445,7 @@ def run(args: argparse.Namespace) -> dict:
                 stop_process(proc)
         result["trainer_log_tail"] = trainer_log.read_text(errors="replace")[-1500:]
         result["server_log_tail"] = server_log.read_text(errors="replace")[-1500:]
+    shutil.rmtree(work, ignore_errors=True)
     served = [p for p in probes if p.served is not None]
     ms = lambda a, b: (a - b) * 1000  # noqa: E731
     fresh = [ms(p.served, p.sent) for p in served]
@@ -510,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coarse-poll-ms", type=float, default=50.0, help="poll interval before that")
     parser.add_argument("--probe-timeout", type=float, default=30.0, help="seconds before a probe counts as lost")
     parser.add_argument("--max-in-flight", type=int, default=64, help="probes waiting at once, at most")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="OMP_NUM_THREADS for the trainer and the replica (default 1; 0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="OMP_NUM_THREADS for the trainer and the replica (default 0: torch's default)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the trainer and replica processes, e.g. LIVEREC_* overrides")
     parser.add_argument("--quick", action="store_true", help="60 probes after 300 warm events (< 60 s)")
@@ -519,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `liverec` sets for its processes
     if args.probes is None:
         args.probes = 60 if args.quick else 1000
     if args.warm_events is None:
@@ -538,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                      "probe_rate": args.probe_rate, "poll_ms": args.poll_ms, "coarse_poll_ms": args.coarse_poll_ms,
                      "warm_events": args.warm_events, "threads": args.threads, "probe_timeout_s": args.probe_timeout,
                      "serving_device": "cpu", "extra_env": args.env,
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "observer_fetch_max_wait_ms": OBSERVER_FETCH_WAIT_MS},
     })
     out = args.out or RESULTS / ("freshness-quick.json" if args.quick else "freshness.json")

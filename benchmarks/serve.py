@@ -31,8 +31,9 @@ included, transport excluded), recorded per request in the server process. A rat
 target" when its p99 is ≤ `--target-p99-ms` and ≥ 99% of its requests were answered OK within
 their deadline. Every request asks for the full-catalog top-k (k=10).
 
-On the CPU the server runs torch with one thread by default (`--threads`): on a small shared
-machine a second intra-op thread only contends (small per-request tensors).
+Like every liverec process, this one and its children run with OMP_WAIT_POLICY=PASSIVE unless
+it is set (idle OpenMP threads would otherwise spin on a shared machine); torch keeps its
+default thread count unless `--threads` says otherwise.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -478,6 +479,7 @@ class Bench:
 
     def run_path(self, path: str, concurrency: list[int], rates: list[float] | None) -> dict:
         a = self.args
+        self.deadline = time.monotonic() + a.max_seconds / 2  # each path gets half of the load budget
         self.step(path, "closed", max(concurrency), a.warmup, record=False)  # warm-up: not recorded
         closed = []
         for c in concurrency:
@@ -490,7 +492,7 @@ class Bench:
         open_steps = []
         for rate in rates:
             if self.out_of_time():
-                print(f"  (stopping: --max-seconds {a.max_seconds:.0f} reached)")
+                print(f"  (stopping {path}: its half of --max-seconds {a.max_seconds:.0f} is spent)")
                 break
             s = self.step(path, "open", rate, a.duration)
             open_steps.append(s)
@@ -504,7 +506,7 @@ class Bench:
 
 def auto_rates(peak: float, target_rate: float, quick: bool = False) -> list[float]:
     """Open-loop rates rising to just past the closed-loop peak (and the target rate, if any)."""
-    fractions = (0.25, 0.6, 1.0) if quick else (0.1, 0.25, 0.5, 0.7, 0.85, 1.0, 1.15)
+    fractions = (0.25, 0.6, 1.0) if quick else (0.05, 0.1, 0.25, 0.5, 0.7, 0.85, 1.0, 1.15)
     rates = {round(peak * f, -1 if peak >= 200 else 0) for f in fractions}
     if target_rate:
         rates.add(float(target_rate))
@@ -557,7 +559,7 @@ def train_ml100k(args: argparse.Namespace, work: Path) -> dict:
 
     threads = torch.get_num_threads()
     if args.threads:
-        torch.set_num_threads(args.threads)  # as in the server: a second thread only contends here
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     worker = TrainerWorker(config)
     counters = worker.run(max_events=events)
@@ -582,6 +584,7 @@ def parse_list(text: str, kind: type) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP, as `liverec` does
     if argv[:1] == ["_server"]:
         return server_main(json.loads(argv[1]))
     parser = argparse.ArgumentParser(prog="liverec bench serve", description=__doc__.splitlines()[0])
@@ -606,11 +609,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=0, help="batched path's max_batch (default: ServingConfig)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="batched path's max_wait_ms")
     parser.add_argument("--load-procs", type=int, default=None, help="load generator processes")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads in the server (default: 1 on cpu, torch's default on cuda)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in the trainer and the server (default 0: torch's default)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--request-timeout", type=float, default=2.0, help="each request's deadline, seconds")
-    parser.add_argument("--max-seconds", type=float, default=None, help="stop adding load steps after this long")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="load-phase budget, half per path: no new step starts past it (default 300; quick 40)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
@@ -620,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     if synthetic and (args.users <= 0 or args.items <= 0):
         parser.error("a synthetic run needs both --users and --items")
     cuda = args.device.startswith("cuda")
+    if cuda and not synthetic:
+        parser.error("the GPU run is synthetic (no Kafka on the device machine): give --users and --items")
     if cuda:
         import torch
 
@@ -634,18 +640,25 @@ def main(argv: list[str] | None = None) -> int:
         args.duration = 1.2 if args.quick else 4.0
     if args.warmup is None:
         args.warmup = 0.6 if args.quick else 2.0
-    if args.threads is None:
-        args.threads = 0 if cuda else 1
     if args.load_procs is None:
         args.load_procs = default_load_procs()
     if args.max_seconds is None:
-        args.max_seconds = 40.0 if args.quick else 600.0
+        args.max_seconds = 40.0 if args.quick else 300.0
     if args.concurrency is None:
         args.concurrency = ("1,32" if args.quick else "1,8,32,128") if not cuda else \
             ("1,64,256" if args.quick else "1,16,64,256")
     concurrency = parse_list(args.concurrency, int)
     rates = None if args.rates == "auto" else parse_list(args.rates, float)
 
+    try:
+        return run(args, synthetic, cuda, concurrency, rates)
+    except RuntimeError as exc:
+        print(f"liverec bench serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace, synthetic: bool, cuda: bool, concurrency: list[int],
+        rates: list[float] | None) -> int:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="liverec-bench-serve-"))
     setup: dict[str, Any] = {}
@@ -681,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         paths["batched"] = bench.run_path("batched", concurrency, rates)
         naive_conc = sorted({min(concurrency), max(concurrency)})
         paths["naive"] = bench.run_path("naive", naive_conc, rates)  # "auto": its own ladder, from its own peak
+    except BaseException:
+        print(f"(logs kept in {work})", file=sys.stderr)
+        raise
     finally:
         if bench is not None:
             bench.close()
@@ -688,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
             server.close()
         if trained is not None:
             trained["broker"].stop()
+    shutil.rmtree(work, ignore_errors=True)
     result = assemble(args, synthetic, setup, paths, time.perf_counter() - started)
     out = args.out or RESULTS / result_name(synthetic, args)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -732,7 +749,8 @@ def assemble(args: argparse.Namespace, synthetic: bool, setup: dict, paths: dict
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "load_procs": args.load_procs,
                      "concurrency": parse_list(args.concurrency, int), "rates": args.rates,
                      "request_timeout_s": args.request_timeout, "seed": args.seed,
-                     "server_torch_threads": args.threads or "default",
+                     "torch_threads": args.threads or "default",
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "target_p99_ms": args.target_p99_ms, "target_rate": args.target_rate},
         "setup": setup, "paths": paths, "ratios": ratios, "targets": target,
         "max_rate_meeting_target": {p: paths[p]["max_rate_meeting_target"] for p in paths},
