@@ -130,8 +130,9 @@ def _baseline_tree(rev: str, into: Path) -> Path:
 
 
 def _round(pythonpath: Path, threads: int, iters: int, seed: int) -> dict:
-    # Run as a script, not `-m`: `-m` would put the working tree ahead of PYTHONPATH.
-    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    # Run as a script, not `-m`: `-m` would put the working tree ahead of PYTHONPATH. OpenMP
+    # threads sleep when idle, as in every liverec process (liverec/platform/cli.py).
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(pythonpath)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(threads),
            "--iters", str(iters), "--seed", str(seed)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -162,6 +163,7 @@ def run(threads: list[int], rounds: int, iters: int, seed: int, baseline: str | 
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
         "load_avg": {"start": load_start, "end": os.getloadavg()},
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "workload": {"rows": ROWS, "slots": 51, "catalog": CATALOG, "negatives": NEGATIVES, "config": "ModelConfig()"},
         "rounds": rounds,
         "iters": iters,
