@@ -221,9 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="run the platform end to end on this machine")
-    p.add_argument("--dataset", default="synthetic")
-    p.add_argument("--limit", type=int, default=None)
+    p = sub.add_parser("demo", help="run the platform end to end on this machine, with a report")
+    from liverec.platform.demo import add_demo_arguments
+
+    add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
