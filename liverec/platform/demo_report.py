@@ -116,50 +116,29 @@ def measure_codec_bytes(model_config: Any, histories: list[tuple[np.ndarray, np.
     return out
 
 
-def read_bench_state(path: Path) -> dict[str, float] | None:
-    """Bytes per user by codec from `liverec bench state`'s results, if the file is there and
-    holds them (codec name -> a number under a key mentioning bytes); None otherwise."""
+def read_bench_state(path: Path) -> dict[str, Any] | None:
+    """`liverec bench state`'s results, if the file is there: its dataset, model and one row per
+    codec variant (bytes per user, HR@10 relative to `full`); None when absent or unreadable."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        rows = [{"variant": str(r["codec"]), "codec": str(r["name"]), "bytes_mean": float(r["bytes_mean"]),
+                 "hr10_ratio": r.get("HR@10_ratio"), "params": r.get("params", {})} for r in data["rows"]]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    found: dict[str, float] = {}
-
-    def pick(entry: Any) -> float | None:
-        if isinstance(entry, (int, float)) and not isinstance(entry, bool):
-            return float(entry)
-        if isinstance(entry, dict):
-            keys = [k for k in entry if "byte" in k.lower() and "ratio" not in k.lower()]
-            keys.sort(key=lambda k: (("mean" not in k.lower()) and ("per_user" not in k.lower()), len(k)))
-            for key in keys:
-                value = pick(entry[key])
-                if value is not None:
-                    return value
+    if not rows:
         return None
+    return {"path": str(path), "date": data.get("date"), "dataset": Path(str(data.get("dataset", "?"))).name,
+            "model": data.get("model", {}), "users": data.get("users"), "rows": rows}
 
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in ("full", "int8", "window", "pages", "summary", "collective") and key not in found:
-                    number = pick(value)
-                    if number is not None:
-                        found[key] = number
-                        continue
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                if isinstance(value, dict) and value.get("codec") in ("full", "int8", "window", "pages", "summary",
-                                                                        "collective"):
-                    number = pick(value)
-                    if number is not None:
-                        found.setdefault(value["codec"], number)
-                        continue
-                walk(value)
 
-    walk(data)
-    return found or None
+def bench_bytes_by_codec(bench: dict[str, Any] | None) -> dict[str, float]:
+    """The first (default-parameter) variant's bytes per user of each codec in the benchmark."""
+    out: dict[str, float] = {}
+    for row in (bench or {}).get("rows", []):
+        out.setdefault(row["codec"], row["bytes_mean"])
+    return out
 
 
 # -- the record of a run --------------------------------------------------------------------------
@@ -190,9 +169,10 @@ class DemoRecord:
     answers: list[dict[str, Any]] = field(default_factory=list)
     probes: list[dict[str, Any]] = field(default_factory=list)
     codec_bytes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    bench_state_bytes: dict[str, float] | None = None
+    bench_state: dict[str, Any] | None = None
     shutdown: dict[str, Any] = field(default_factory=dict)
     trainer_stages: dict[str, float] = field(default_factory=dict)
+    load_average: dict[str, list[float]] = field(default_factory=dict)
     pop_scored: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     pop_hits: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
@@ -422,16 +402,18 @@ def make_plots(r: DemoRecord, out: Path) -> dict[str, str]:
     names = list(r.codec_bytes)
     if names:
         x = np.arange(len(names))
-        width = 0.4 if r.bench_state_bytes else 0.6
+        bench_bytes = bench_bytes_by_codec(r.bench_state)
+        width = 0.4 if bench_bytes else 0.6
         ours = [r.codec_bytes[n]["payload_mean"] for n in names]
-        bars = ax.bar(x - (width / 2 if r.bench_state_bytes else 0), ours, width,
+        bars = ax.bar(x - (width / 2 if bench_bytes else 0), ours, width,
                       color=["tab:orange" if n == r.codec else "tab:blue" for n in names],
                       label="this run's users (encoded here)")
         for b, v in zip(bars, ours):
             ax.annotate(f"{v:,.0f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
-        if r.bench_state_bytes:
-            bench = [r.bench_state_bytes.get(n, math.nan) for n in names]
-            ax.bar(x + width / 2, bench, width, color="tab:purple", alpha=0.7, label="liverec bench state (ml-100k)")
+        if bench_bytes:
+            bench = [bench_bytes.get(n, math.nan) for n in names]
+            ax.bar(x + width / 2, bench, width, color="tab:purple", alpha=0.7,
+                   label=f"liverec bench state ({r.bench_state['dataset']}, its model)")
         ax.set_xticks(x, [f"{n}\n(learned)" if r.codec_bytes[n]["learned"] else n for n in names])
         ax.set_yscale("log")
         ax.legend(fontsize=8)
@@ -470,9 +452,14 @@ def make_plots(r: DemoRecord, out: Path) -> dict[str, str]:
         ax.set_xlabel("seconds")
         ax.set_ylabel("events")
         ax2 = ax.twinx()
-        ax2.plot(ts, [t["lag"] for t in ticks], color="tab:red", alpha=0.6, label="consumer lag")
-        ax2.set_ylabel("consumer lag (records)", color="tab:red")
-        ax.legend(loc="upper left", fontsize=8)
+        ax2.plot(ts, [t["produced"] - t["applied"] for t in ticks], color="tab:orange", alpha=0.7,
+                 label="produced − applied")
+        ax2.plot(ts, [t["lag"] for t in ticks], color="tab:red", alpha=0.6,
+                 label="consumer lag gauge (trainer, ≤ 1/s)")
+        ax2.set_ylabel("events behind", color="tab:red")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
         ax.grid(alpha=0.3)
         ax.set_title("Stream progress and consumer lag")
         save(fig, "progress.png")
@@ -491,7 +478,7 @@ def write_report(r: DemoRecord, out: Path) -> Path:
     lines = [
         "# liverec demo report",
         "",
-        f"{r.started_at} · {r.machine} · `{r.command}`",
+        f"{r.started_at} · {r.machine} · `{r.command}`" + _load_text(r),
         "",
         "The whole platform on one machine: a local Kafka-protocol broker (Tansu), the online trainer "
         "and one gRPC serving replica as separate processes, and this demo producing the event "
@@ -510,6 +497,9 @@ def write_report(r: DemoRecord, out: Path) -> Path:
         "so staleness and freshness read as real time",
         f"- model: {json.dumps(r.model)}; trainer micro-batches of up to {r.batch_events} events",
         f"- state codec served: `{r.codec}`",
+        "- where the trainer's time went (seconds, summed over micro-batches, from "
+        "`liverec_trainer_batch_seconds_sum`): " + (", ".join(f"{k} {v:,.1f}" for k, v in f["trainer_stage_seconds"].items())
+                                                    or "–"),
         "- processes: " + "; ".join(f"{name} pid {p['pid']}" + (f" ({', '.join(f'{k} {v}' for k, v in p['ports'].items())})"
                                                                 if p.get("ports") else "")
                                     for name, p in r.processes.items()),
@@ -548,7 +538,8 @@ def write_report(r: DemoRecord, out: Path) -> Path:
         f"![freshness]({files.get('freshness', 'freshness.png')})",
         "",
         "Probe events, spread over the run: the demo produces an event for a user the stream has seen, "
-        "notes its offset, and calls `Recommend` for that user every 20 ms until the answer's "
+        "notes its offset, and calls `Recommend` for that user (every 20 ms at first, then every ~5% of the "
+        "time waited so far) until the answer's "
         "`state_version` (the offset of the newest event the served state includes) reaches it. "
         "Freshness is the time from producing the event to that answer: Kafka, the trainer's "
         "micro-batch and state refresh, the user-state topic and the replica's materialisation.",
@@ -557,16 +548,33 @@ def write_report(r: DemoRecord, out: Path) -> Path:
     ]
     if "progress" in files:
         lines += ["", "## Stream progress", "", f"![progress]({files['progress']})"]
-    lines += ["", "## A few answers", "", "| user | top items | state version | staleness | model version | latency |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for a in r.answers[-8:]:
+    lines += ["", "## A few answers", "",
+              "The last answers of the run, one per user: top 10 (seen items excluded), the state version (offset of "
+              "the newest event the served state includes) against the newest offset the demo had produced for that "
+              "user when it asked, and the staleness the replica reported.", "",
+              "| user | top items | state version | user's newest offset | staleness | model version | latency |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    last: dict[int, dict[str, Any]] = {}
+    for a in r.answers:
+        last.pop(a["user_id"], None)
+        last[a["user_id"]] = a
+    for a in list(last.values())[-8:]:
         lines.append(f"| {a['user_id']} | {', '.join(map(str, a['items'][:10]))} | "
-                     f"{'cold start' if a['cold_start'] else a['state_version']} | {a['staleness_ms']:,} ms | "
+                     f"{'cold start' if a['cold_start'] else a['state_version']} | "
+                     f"{'–' if a['latest_offset'] is None else a['latest_offset']} | {a['staleness_ms']:,} ms | "
                      f"{a['model_version']} | {a['latency_ms']:.1f} ms |")
     lines += ["", "All figures, the scraped time series and every probe are in `report.json`.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _load_text(r: DemoRecord) -> str:
+    start, end = r.load_average.get("start"), r.load_average.get("end")
+    if not start or not end:
+        return ""
+    return (f" · load average {start[0]:.1f} at the start, {end[0]:.1f} at the end (1 min; every process of the "
+            "machine, this demo's included)")
 
 
 def _codec_text(r: DemoRecord) -> str:
@@ -584,10 +592,16 @@ def _codec_text(r: DemoRecord) -> str:
             "keeps them) with every codec of `liverec.model.codecs` on this run's model shape; sizes depend on "
             "history length and shapes only. The record adds the state-record header and checksum.\n\n"
             + "\n".join(rows))
-    if r.bench_state_bytes:
-        text += ("\n\n`benchmarks/results/state.json` (from `liverec bench state`, ml-100k) is present too; its "
-                 "bytes per user are the purple bars: "
-                 + ", ".join(f"{k} {v:,.0f}" for k, v in r.bench_state_bytes.items()) + ".")
+    bench = r.bench_state
+    if bench:
+        model = bench.get("model", {})
+        shape = ", ".join(f"{k} {model[k]}" for k in ("dim", "layers", "heads", "max_len") if k in model)
+        text += (f"\n\n`benchmarks/results/state.json` (`liverec bench state`, {bench['date']}) is there too: "
+                 f"{bench['dataset']}, {bench.get('users')} users, model {shape}. Its default variant of each "
+                 "codec is the purple bar; all its variants, with accuracy relative to `full`:\n\n"
+                 "| variant | codec | bytes/user | HR@10 vs full |\n| --- | --- | --- | --- |\n"
+                 + "\n".join(f"| {row['variant']} | {row['codec']} | {row['bytes_mean']:,.0f} | "
+                             f"{_fmt(row['hr10_ratio'], '.3f')} |" for row in bench["rows"]))
     else:
         text += "\n\n(`benchmarks/results/state.json` was not there, so only this run's measurement is shown.)"
     return text

@@ -390,24 +390,33 @@ def _ignore_signals() -> None:
 def _run(config: LiverecConfig, args: argparse.Namespace) -> int:
     started_wall = time.monotonic()
     started_at = dt.datetime.now().astimezone()
-    report_dir = Path(args.report_dir or f"runs/demo-{started_at:%Y%m%d-%H%M%S}")
-    report_dir.mkdir(parents=True, exist_ok=True)
-    log_dir = report_dir / "logs"
-    log_dir.mkdir(exist_ok=True)
-    view = LiveView(mode=args.view)
-    say = view.message
     codec = args.codec or config.state.codec
     if args.codec:
-        config = dataclasses.replace(config, state=dataclasses.replace(config.state, codec=args.codec, params={}))
+        try:
+            config = dataclasses.replace(config, state=dataclasses.replace(config.state, codec=args.codec, params={}))
+        except ValueError as exc:
+            print(f"liverec demo: --codec: {exc}", file=sys.stderr)
+            return 2
+    from liverec.model.codecs.registry import codec_from_config
+
+    if codec_from_config(codec, config.model, **config.state.params).module is not None:
+        print(f"liverec demo: codec {codec!r} has learned parts the online trainer does not train yet; "
+              "use full, int8, window or pages (`liverec bench state` measures them all)", file=sys.stderr)
+        return 2
 
     try:
         table, dataset_name, dataset_note = load_stream(args)
     except (DatasetFormatError, FileNotFoundError, ValueError) as exc:
         print(f"liverec demo: {exc}", file=sys.stderr)
         return 2
+    report_dir = Path(args.report_dir or f"runs/demo-{started_at:%Y%m%d-%H%M%S}")
+    report_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = report_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    view = LiveView(mode=args.view)
+    say = view.message
     say(f"liverec demo: {len(table):,} events from {dataset_name}; report → {report_dir}/")
     pop_scored, pop_hits = popularity_prequential(table.user_id, table.item_id, config.trainer.batch_events)
-    pop_cs = np.concatenate(([0], np.cumsum(pop_scored)))
 
     record = DemoRecord(
         started_at=started_at.isoformat(timespec="seconds"),
@@ -416,6 +425,7 @@ def _run(config: LiverecConfig, args: argparse.Namespace) -> int:
         dataset=dataset_name, dataset_note=dataset_note, rate=args.rate, batch_events=config.trainer.batch_events,
         model=dataclasses.asdict(config.model.encoder), codec=codec, pop_scored=pop_scored, pop_hits=pop_hits,
     )
+    record.load_average["start"] = list(os.getloadavg())
     demo = Demo(config, args)
     threads: list[threading.Thread] = []
     workdir = tempfile.TemporaryDirectory(prefix="liverec-demo-")
@@ -457,7 +467,7 @@ def _run(config: LiverecConfig, args: argparse.Namespace) -> int:
                    threading.Thread(target=demo.probe_loop, args=(target, table), name="demo-probes", daemon=True)]
         for t in threads:
             t.start()
-        serving_last = _watch(demo, record, view, table, t_metrics, s_metrics, pop_cs, started_wall)
+        serving_last = _watch(demo, record, view, table, t_metrics, s_metrics, started_wall)
         record.stream_s = (demo.replay_finished or time.monotonic()) - demo.replay_started
         ok = True
     except DemoError as exc:
@@ -487,7 +497,8 @@ def _run(config: LiverecConfig, args: argparse.Namespace) -> int:
                                                          code="OK") if serving_last else []
     histories = _sample_histories(table, config.model.encoder.max_len, args.seed)
     record.codec_bytes = measure_codec_bytes(config.model, histories, {codec: dict(config.state.params)})
-    record.bench_state_bytes = read_bench_state(REPO_ROOT / "benchmarks" / "results" / "state.json")
+    record.bench_state = read_bench_state(REPO_ROOT / "benchmarks" / "results" / "state.json")
+    record.load_average["end"] = list(os.getloadavg())
     record.wall_s = time.monotonic() - started_wall
     path = write_report(record, report_dir)
     failures = _failures(record, demo)
@@ -536,7 +547,7 @@ def _wait_up(demo: Demo, endpoints: list[tuple[Child, int]], view: LiveView) -> 
 
 
 def _watch(demo: Demo, record: DemoRecord, view: LiveView, table: EventTable, t_port: int, s_port: int,
-           pop_cs: np.ndarray, started: float) -> Scrape | None:
+           started: float) -> Scrape | None:
     """The live loop: scrape, record a tick, redraw; until every event is learned and every probe done."""
     state = ViewState(to_produce=len(table), rate=demo.args.rate, probes_total=max(0, demo.args.probes))
     ticks: deque[tuple[float, float]] = deque(maxlen=int(2 / TICK_S) + 1)  # (t, applied) for events/s
