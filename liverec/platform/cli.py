@@ -21,7 +21,7 @@ from liverec.platform.config import ConfigError, LiverecConfig, load_config
 
 log = logging.getLogger("liverec")
 
-BENCHMARKS = ("ingest", "store", "store_gpu", "train", "model_step", "state")
+BENCHMARKS = ("ingest", "store", "store_gpu", "train", "model_step", "state", "serve", "freshness")
 
 
 def _config(args: argparse.Namespace) -> LiverecConfig:

@@ -66,6 +66,9 @@ class KafkaConfig:
     producer_linger_ms: int = 5
     producer_batch_size: int = 262144
     consumer_max_poll_records: int = 2000
+    # How long the broker may hold a fetch waiting for data. The local Tansu broker holds every
+    # fetch for the full wait even when records arrive, so this bounds event-to-served freshness.
+    consumer_fetch_max_wait_ms: int = 50
 
     def __post_init__(self) -> None:
         _require(bool(self.bootstrap_servers.strip()), "kafka.bootstrap_servers", "must not be empty")
@@ -79,6 +82,7 @@ class KafkaConfig:
         _require(self.producer_linger_ms >= 0, "kafka.producer_linger_ms", "must be >= 0")
         _require(self.producer_batch_size > 0, "kafka.producer_batch_size", "must be > 0")
         _require(self.consumer_max_poll_records > 0, "kafka.consumer_max_poll_records", "must be > 0")
+        _require(self.consumer_fetch_max_wait_ms >= 0, "kafka.consumer_fetch_max_wait_ms", "must be >= 0")
         if self.security_protocol.startswith("SASL"):
             _require(self.sasl_mechanism is not None, "kafka.sasl_mechanism", "required with SASL")
 

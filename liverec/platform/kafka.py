@@ -56,6 +56,7 @@ def make_consumer(config: KafkaConfig, *topics: str, group_id: str | None, **ove
         "session_timeout_ms": config.session_timeout_ms,
         "heartbeat_interval_ms": config.heartbeat_interval_ms,
         "max_poll_records": config.consumer_max_poll_records,
+        "fetch_max_wait_ms": config.consumer_fetch_max_wait_ms,
     }
     return KafkaConsumer(*topics, **(settings | overrides))
 
