@@ -432,7 +432,14 @@ def _run(config: LiverecConfig, args: argparse.Namespace) -> int:
     broker = LocalBroker()
     ok = False
     try:
-        broker.start()
+        # The broker is started with SIGINT blocked (the mask is inherited across exec): a terminal's
+        # Ctrl-C reaches the whole foreground process group, and Tansu would exit on it at once,
+        # before the trainer's last checkpoint. The demo stops it last, with SIGTERM.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            broker.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         record.processes["broker"] = {"pid": broker.pid, "ports": {"kafka": broker.port}}
         config = dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=broker.bootstrap))
         demo.config = config
@@ -653,9 +660,11 @@ def _stop_all(demo: Demo, broker: LocalBroker, record: DemoRecord, log_dir: Path
     summary: dict[str, Any] = {}
     codes: dict[str, int | None] = {}
     interrupted = not demo.replay_done.is_set() or not demo.probes_done.is_set()
+    broker_up = broker.pid is not None and pid_alive(broker.pid)
     trainer = demo.children.get("trainer")
     if trainer is not None:
-        codes["trainer"] = trainer.stop(grace_s=20.0 if interrupted else 90.0)
+        # Its final checkpoint is local, but its last publish needs the broker: without one, waiting is pointless.
+        codes["trainer"] = trainer.stop(grace_s=(20.0 if interrupted else 90.0) if broker_up else 3.0)
         for line in reversed(trainer.out_path.read_text(errors="replace").splitlines()):
             if line.startswith("{"):
                 try:
