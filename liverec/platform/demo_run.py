@@ -187,7 +187,7 @@ class Demo:
         self.latest_offset: dict[int, int] = {}
         # produced by the Recommend and probe threads
         self.recommends: list[dict[str, Any]] = []
-        self.answers: deque[AnswerLine] = deque(maxlen=8)
+        self.answers: deque[AnswerLine] = deque(maxlen=16)
         self.probes: list[dict[str, Any]] = []
         self.probes_done = threading.Event()
         self.applied = 0.0  # the trainer's applied events, as last scraped
@@ -631,8 +631,12 @@ def _watch(demo: Demo, record: DemoRecord, view: LiveView, table: EventTable, t_
         state.probes_done = len(fresh)
         state.freshness_p50_s = percentile(fresh, 0.5)
         state.last_freshness_s = fresh[-1] if fresh else math.nan
-        answers = list(demo.answers)
-        state.answers = [a for a in answers if not a.cold_start][-3:] or answers[-3:]
+        latest_per_user: dict[int, AnswerLine] = {}
+        for a in list(demo.answers):  # the newest answer of each user, warm ones first
+            latest_per_user.pop(a.user_id, None)
+            latest_per_user[a.user_id] = a
+        answers = list(latest_per_user.values())
+        state.answers = ([a for a in answers if a.cold_start] + [a for a in answers if not a.cold_start])[-3:]
         if not demo.serving_up.is_set():
             state.phase = "waiting for the first model on the serving replica"
         elif not demo.replay_done.is_set():
