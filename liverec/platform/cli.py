@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 
 from liverec.platform.config import ConfigError, LiverecConfig, load_config
+from liverec.platform.replay import parse_rate
 
 log = logging.getLogger("liverec")
 
@@ -62,18 +63,6 @@ def cmd_topics(args: argparse.Namespace) -> int:
     created = ensure_topics(config.kafka, config.topics)
     print(json.dumps({"created": created}))
     return 0
-
-
-def _parse_rate(text: str) -> float | None:
-    if text == "max":
-        return None
-    try:
-        rate = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--rate must be a number of events/s or 'max', got {text!r}") from None
-    if rate <= 0:
-        raise argparse.ArgumentTypeError(f"--rate must be > 0, got {text!r}")
-    return rate
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -182,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="synthetic", help="'synthetic' (default), a file, or a directory")
     p.add_argument("--format", choices=("recbole", "movielens", "sequence"), help="file format (default: detected)")
     p.add_argument("--lenient", action="store_true", help="skip and count malformed lines instead of failing")
-    p.add_argument("--rate", type=_parse_rate, default=None, help="events per second, or 'max' (default)")
+    p.add_argument("--rate", type=parse_rate, default=None, help="events per second, or 'max' (default)")
     p.add_argument("--limit", type=int, default=None, help="publish at most this many events")
     p.add_argument("--topic", default=None, help="target topic (default: topics.events)")
     p.add_argument("--seed", type=int, default=None, help="seed of the synthetic generator")

@@ -23,23 +23,12 @@ from __future__ import annotations
 import argparse
 
 from liverec.platform.config import LiverecConfig
+from liverec.platform.replay import parse_rate
 
 DEFAULT_EVENTS = 20_000
 DEFAULT_RATE = 100.0
 DEFAULT_USERS = 1_000
 DEFAULT_ITEMS = 1_000
-
-def _rate(text: str) -> float | None:
-    if text == "max":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--rate must be events/s or 'max', got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"--rate must be > 0, got {text!r}")
-    return value
-
 
 def _positive(text: str) -> int:
     try:
@@ -60,7 +49,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset file format (default: detected)")
     parser.add_argument("--events", "--limit", dest="events", type=_positive, default=DEFAULT_EVENTS,
                         help=f"events to replay (default {DEFAULT_EVENTS:,}; a dataset file is cut to its first N)")
-    parser.add_argument("--rate", type=_rate, default=DEFAULT_RATE,
+    parser.add_argument("--rate", type=parse_rate, default=DEFAULT_RATE,
                         help=f"events per second, or 'max' (default {DEFAULT_RATE:g}: slow enough to watch it learn)")
     parser.add_argument("--users", type=_positive, default=DEFAULT_USERS,
                         help=f"synthetic stream: number of users (default {DEFAULT_USERS:,})")

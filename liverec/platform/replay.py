@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import time
@@ -15,6 +16,19 @@ from liverec.platform.datasets import EventTable
 from liverec.platform.events import MIN_EVENT_TIME_MS, encode_table, sort_check
 
 _PACE_CHUNK = 256  # events sent between pacing checks: keeps --rate accurate without a clock call per event
+
+
+def parse_rate(text: str) -> float | None:
+    """A --rate argument: events per second, or 'max' (None: as fast as possible)."""
+    if text == "max":
+        return None
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rate must be a number of events/s or 'max', got {text!r}") from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"--rate must be > 0, got {text!r}")
+    return rate
 
 
 class ReplayError(RuntimeError):
