@@ -10,7 +10,10 @@ projected to `rank` dims, the user-specific part, stored as int8 under a fixed p
     z  ~  pool[index] + up(int8(down(z - pool[index])))
 
 Stored per position: the index (1 byte when `pool_size` <= 256, else 2) and `rank` int8 codes;
-per user a 12-byte header (`next_pos i64`, `n u32`). The pool, projections and scales are
+per user a 12-byte header (`next_pos i64`, `n u32`). With `groups` G > 1 the vector is cut into
+G parts, each routed to its own pool of `pool_size` entries, and a position stores G indices
+(product quantisation: `pool_size ** G` combinations for G small pools; G = 1 is the plain
+single pool). The pool, projections and scales are
 learned parameters of the model version (checkpointed and published once, never per user).
 Decoded: the user's kept positions in order, keys rotated back to their positions
 (`next_pos - n + j`), so the decoded cache has the same slots and positions as the full one.
@@ -52,13 +55,18 @@ _ROUTE_CHUNK = 4096
 
 
 class CollectivePool(nn.Module):
-    """Pool `[P, Z]`, down `[Z, r]` and up `[r, Z]` projections, and fixed scales."""
+    """Pool `[G, P, Z/G]` (G groups of P entries), down `[Z, r]` / up `[r, Z]` projections, and
+    fixed scales. With G > 1 each position stores one index per group (product quantisation:
+    P**G combinations from G * P stored entries, at the routing cost of one pool of P)."""
 
-    def __init__(self, encoder: EncoderConfig, pool_size: int, rank: int) -> None:
+    def __init__(self, encoder: EncoderConfig, pool_size: int, rank: int, groups: int = 1) -> None:
         super().__init__()
         self.encoder = encoder
         z = encoder.layers * 2 * encoder.dim
-        self.pool = nn.Parameter(torch.randn(pool_size, z) * 0.1)
+        if z % groups:
+            raise ValueError(f"codecs.collective.groups: must divide layers * 2 * dim = {z}, got {groups}")
+        self.groups = groups
+        self.pool = nn.Parameter(torch.randn(groups, pool_size, z // groups) * 0.1)
         self.down = nn.Parameter(torch.linalg.qr(torch.randn(z, rank))[0])
         self.up = nn.Parameter(self.down.detach().T.clone())
         self.register_buffer("center", torch.zeros(z))
@@ -80,30 +88,37 @@ class CollectivePool(nn.Module):
         return rotate_keys(rows, positions, e.rope_base)
 
     def route(self, z: Tensor) -> Tensor:
-        """Nearest pool entry of each `z [.., Z]` -> indices `[..]` (chunked distances)."""
-        flat = z.detach().reshape(-1, z.shape[-1])
+        """Nearest entry of each group's pool for `z [.., Z]` -> indices `[.., G]` (chunked)."""
+        g = self.groups
+        flat = z.detach().reshape(-1, g, z.shape[-1] // g)
         pool = self.pool.detach()
-        norms = (pool * pool).sum(1)
+        norms = (pool * pool).sum(-1)  # [G, P]
         out = [
-            (norms - 2 * chunk @ pool.T).argmin(1) for chunk in flat.split(_ROUTE_CHUNK)
+            (norms - 2 * torch.einsum("ngd,gpd->ngp", chunk, pool)).argmin(-1) for chunk in flat.split(_ROUTE_CHUNK)
         ]
-        return (torch.cat(out) if out else flat.new_zeros(0, dtype=torch.long)).reshape(z.shape[:-1])
+        index = torch.cat(out) if out else flat.new_zeros(0, g, dtype=torch.long)
+        return index.reshape(*z.shape[:-1], g)
+
+    def lookup(self, index: Tensor) -> Tensor:
+        """Pool vectors of indices `[.., G]` -> `[.., Z]`."""
+        groups = torch.arange(self.groups, device=index.device)
+        return self.pool[groups, index].flatten(-2)
 
     # -- codes ---------------------------------------------------------------------------------
 
     def codes(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(pool indices `[..]`, int8 user codes `[.., r]`)."""
+        """(pool indices `[.., G]`, int8 user codes `[.., r]`)."""
         index = self.route(z)
-        u = (z - self.pool[index]) @ self.down
+        u = (z - self.lookup(index)) @ self.down
         q = torch.round(u / self.code_scale).clamp(-127, 127)
         return index, q.to(torch.int8)
 
     def from_codes(self, index: Tensor, q: Tensor) -> Tensor:
-        return self.pool[index] + (q.float() * self.code_scale) @ self.up
+        return self.lookup(index) + (q.float() * self.code_scale) @ self.up
 
     def approximate(self, z: Tensor) -> Tensor:
         """What decoding the codes of `z` gives, differentiably (straight-through int8 rounding)."""
-        base = self.pool[self.route(z)]
+        base = self.lookup(self.route(z))
         u = (z - base) @ self.down
         q = torch.round(u / self.code_scale).clamp(-127, 127) * self.code_scale
         return base + (u + (q - u).detach()) @ self.up
@@ -116,8 +131,8 @@ class CollectivePool(nn.Module):
     # -- fitting start -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_from(self, caches: Sequence[KVCache], iters: int = 8, seed: int = 0, max_rows: int = 32768) -> None:
-        """Start from data: standardisation, k-means pool, PCA projections, code scales."""
+    def init_from(self, caches: Sequence[KVCache], iters: int = 6, seed: int = 0, max_rows: int = 16384) -> None:
+        """Start from data: standardisation, k-means pools (per group), PCA projections, code scales."""
         gen = torch.Generator().manual_seed(seed)
         raw = []
         for cache in caches:
@@ -129,20 +144,23 @@ class CollectivePool(nn.Module):
         self.center.copy_(x.mean(0))
         self.scale.copy_(x.std(0).clamp(min=1e-6))
         z = (x - self.center) / self.scale
-        p = self.pool.shape[0]
-        centers = z[torch.randperm(z.shape[0], generator=gen)[:p]].clone()
-        if centers.shape[0] < p:  # fewer rows than entries: repeat with jitter
-            extra = centers[torch.randint(centers.shape[0], (p - centers.shape[0],), generator=gen)]
-            centers = torch.cat((centers, extra + 0.01 * torch.randn(extra.shape, generator=gen)))
+        g, p, d = self.pool.shape
+        pick = torch.randint(z.shape[0], (p,), generator=gen) if z.shape[0] < p else torch.randperm(z.shape[0], generator=gen)[:p]
+        centers = z[pick].reshape(p, g, d).transpose(0, 1).clone()  # [G, P, d]
+        if z.shape[0] < p:  # fewer rows than entries: repeats, jittered apart
+            centers += 0.01 * torch.randn(centers.shape, generator=gen)
         self.pool.copy_(centers)
+        parts = z.reshape(-1, g, d)
+        slot = torch.arange(g)[None, :] * p  # flat index of each group's first entry
         for _ in range(iters):
-            index = self.route(z)
-            sums = torch.zeros_like(centers).index_add_(0, index, z)
-            counts = torch.bincount(index, minlength=p).float()
+            flat = (self.route(z) + slot).reshape(-1)
+            sums = torch.zeros(g * p, d).index_add_(0, flat, parts.reshape(-1, d))
+            counts = torch.bincount(flat, minlength=g * p).float()
             used = counts > 0
-            centers[used] = sums[used] / counts[used, None]
-            self.pool.copy_(centers)
-        residual = z - self.pool[self.route(z)]
+            merged = centers.reshape(g * p, d)
+            merged[used] = sums[used] / counts[used, None]
+            self.pool.copy_(merged.reshape(g, p, d))
+        residual = z - self.lookup(self.route(z))
         _, _, vh = torch.linalg.svd(residual, full_matrices=False)
         rank = self.down.shape[1]
         self.down.copy_(vh[:rank].T)
@@ -152,7 +170,7 @@ class CollectivePool(nn.Module):
     @torch.no_grad()
     def calibrate(self, z: Tensor, quantile: float = 0.999) -> None:
         """Set the int8 scale of each user dim from standardised features `z [N, Z]`."""
-        u = (z - self.pool[self.route(z)]) @ self.down
+        u = (z - self.lookup(self.route(z))) @ self.down
         top = torch.quantile(u.abs()[: 1 << 16].float(), quantile, dim=0)
         self.code_scale.copy_((top / 127.0).clamp(min=1e-8))
 
@@ -162,13 +180,13 @@ class CollectiveCodec(StateCodec):
     incremental = True
     fit_lr = 3e-3
 
-    def __init__(self, encoder: EncoderConfig, pool_size: int, rank: int) -> None:
+    def __init__(self, encoder: EncoderConfig, pool_size: int, rank: int, groups: int = 1) -> None:
         super().__init__(encoder)
-        self.pool_size, self.rank = pool_size, rank
+        self.pool_size, self.rank, self.groups = pool_size, rank, groups
         self.index_bytes = 1 if pool_size <= 256 else 2
         self.index_dtype = np.uint8 if self.index_bytes == 1 else np.dtype("<u2")
-        self.pos_bytes = self.index_bytes + rank
-        self.collective = CollectivePool(encoder, pool_size, rank)
+        self.pos_bytes = groups * self.index_bytes + rank
+        self.collective = CollectivePool(encoder, pool_size, rank, groups)
 
     @property
     def module(self) -> nn.Module:
@@ -176,7 +194,7 @@ class CollectiveCodec(StateCodec):
 
     def _code_bytes(self, index: Tensor, q: Tensor) -> bytes:
         n = index.shape[0]
-        idx = index.cpu().numpy().astype(self.index_dtype).view(np.uint8).reshape(n, self.index_bytes)
+        idx = index.cpu().numpy().astype(self.index_dtype).view(np.uint8).reshape(n, self.groups * self.index_bytes)
         return np.concatenate((idx, q.cpu().numpy().view(np.uint8).reshape(n, self.rank)), 1).tobytes()
 
     def encode(self, cache: KVCache, model: SequentialRecommender | None = None) -> list[bytes]:
@@ -198,19 +216,21 @@ class CollectiveCodec(StateCodec):
         counts = torch.tensor([n for _, n, _ in parsed], dtype=torch.long)
         width = int(counts.max()) if parsed else 0
         valid = torch.arange(width)[None, :] >= (width - counts)[:, None]
-        index = torch.zeros(len(parsed), width, dtype=torch.long)
+        index = torch.zeros(len(parsed), width, self.groups, dtype=torch.long)
         q = torch.zeros(len(parsed), width, self.rank, dtype=torch.int8)
         if width:
             codes = np.concatenate([c for _, _, c in parsed])
-            idx = np.ascontiguousarray(codes[:, : self.index_bytes]).view(self.index_dtype).reshape(-1)
+            cut = self.groups * self.index_bytes
+            idx = np.ascontiguousarray(codes[:, :cut]).view(self.index_dtype).reshape(-1, self.groups)
             index[valid] = torch.from_numpy(idx.astype(np.int64))
-            q[valid] = torch.from_numpy(np.ascontiguousarray(codes[:, self.index_bytes:]).view(np.int8))
+            q[valid] = torch.from_numpy(np.ascontiguousarray(codes[:, cut:]).view(np.int8))
         next_pos = torch.tensor([p for p, _, _ in parsed], dtype=torch.long)
-        index, q, valid, next_pos = index.to(device), q.to(device), valid.to(device), next_pos.to(device)
         pool = self.collective
+        on = pool.pool.device  # decode where the pool lives, hand the cache over on `device`
+        index, q, valid, next_pos = index.to(on), q.to(on), valid.to(on), next_pos.to(on)
         with torch.no_grad():
             rows = pool.rows(pool.from_codes(index, q), slot_positions(valid, next_pos))
-        return from_rows(rows, valid, next_pos)
+        return from_rows(rows.to(device), valid.to(device), next_pos.to(device))
 
     def append(self, payloads: Sequence[bytes], new: KVCache) -> list[bytes]:
         with torch.no_grad():
@@ -253,6 +273,6 @@ class CollectiveCodec(StateCodec):
     @property
     def cost(self) -> Cost:
         return Cost(
-            refresh=f"append: route one position over {self.pool_size} pool entries, project to {self.rank} dims",
+            refresh=f"append: route one position over {self.groups} x {self.pool_size} pool entries, project to {self.rank} dims",
             serve="gather pool rows, add the rank-r part, rotate keys; attention over all positions",
         )

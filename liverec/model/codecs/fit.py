@@ -31,6 +31,8 @@ def fit_codec(
     items_per_step: int = 512,
     seed: int = 0,
     log: Callable[[int, float], None] | None = None,
+    init_rows: int = 16384,
+    init_iters: int = 6,
 ) -> list[float]:
     """Fit `codec`'s learned parameters on `caches` (full caches of training users) by
     distillation from `model` (frozen here, left as it was); returns the loss of every step.
@@ -38,7 +40,8 @@ def fit_codec(
     `item_rows [N, D]` (`ItemSide.retrieval` rows of the catalog): each step compares retrieval
     logits over `items_per_step` of them drawn at random. `collective` starts from k-means / PCA
     on the caches and recalibrates its int8 scales at the end. `lr` defaults to the codec's
-    `fit_lr` (pool entries move in standardised units and want a smaller step than tokens).
+    `fit_lr` (pool entries move in standardised units and want a smaller step than tokens);
+    `init_rows` / `init_iters` size collective's k-means start.
     """
     module = codec.module
     loss_fn = getattr(codec, "auxiliary_loss", None)
@@ -46,7 +49,7 @@ def fit_codec(
         raise ValueError(f"codec {codec.codec_id!r} has nothing to fit")
     gen = torch.Generator().manual_seed(seed)
     if isinstance(codec, CollectiveCodec):
-        codec.collective.init_from(caches, seed=seed)
+        codec.collective.init_from(caches, iters=init_iters, seed=seed, max_rows=init_rows)
     was_training = model.training
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:

@@ -35,9 +35,12 @@ def test_every_codec_builds_with_defaults() -> None:
 def test_learned_codecs_expose_modules_sized_by_the_encoder() -> None:
     summary = codec_from_config("summary", ENC, tokens=5)
     assert summary.module.queries.shape == (ENC.layers, 5, ENC.heads, ENC.head_dim)
-    collective = codec_from_config("collective", ENC, pool_size=300, rank=3)
-    assert collective.module.pool.shape == (300, ENC.layers * 2 * ENC.dim)
-    assert collective.index_bytes == 2 and codec_from_config("collective", ENC, pool_size=256).index_bytes == 1
+    collective = codec_from_config("collective", ENC, pool_size=300, rank=3, groups=1)
+    assert collective.module.pool.shape == (1, 300, ENC.layers * 2 * ENC.dim)
+    assert collective.index_bytes == 2 and collective.pos_bytes == 2 + 3
+    grouped = codec_from_config("collective", ENC, pool_size=256, rank=3, groups=4)
+    assert grouped.module.pool.shape == (4, 256, ENC.layers * 2 * ENC.dim // 4)
+    assert grouped.index_bytes == 1 and grouped.pos_bytes == 4 + 3
     assert codec_from_config("full", ENC).module is None
 
 
@@ -55,7 +58,9 @@ def test_learned_codecs_expose_modules_sized_by_the_encoder() -> None:
         ("summary", {"tokens": 0}, r"codecs\.summary\.tokens: must be >= 1"),
         ("collective", {"pool_size": 70_000}, r"codecs\.collective\.pool_size: must be <= 65536"),
         ("collective", {"rank": 0}, r"codecs\.collective\.rank: must be >= 1"),
-        ("collective", {"ranks": 4}, r"codecs\.collective\.ranks: unknown field; collective takes \['pool_size', 'rank'\]"),
+        ("collective", {"ranks": 4}, r"codecs\.collective\.ranks: unknown field; collective takes \['groups', 'pool_size', 'rank'\]"),
+        ("collective", {"groups": 3}, r"codecs\.collective\.groups: must divide layers \* 2 \* dim = 64, got 3"),
+        ("collective", {"groups": 0}, r"codecs\.collective\.groups: must be >= 1"),
         ("int8", {"dtype": "float32"}, r"codecs\.int8\.dtype: unknown field"),
     ],
 )

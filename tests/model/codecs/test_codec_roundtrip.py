@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from liverec.model import KVCache
 from liverec.model.codecs import PayloadError, codec_from_config
@@ -153,13 +155,14 @@ def test_summary_decodes_to_its_tokens(model, make_cache) -> None:
         assert torch.isfinite(model.user_hidden(decoded)).all()
 
 
-def test_collective_decode_equals_its_differentiable_reconstruction(model, make_cache) -> None:
+@pytest.mark.parametrize("groups", [1, 4])
+def test_collective_decode_equals_its_differentiable_reconstruction(groups, model, make_cache) -> None:
     caches = [make_cache(8, 12, seed=s) for s in range(3)]
-    codec = codec_from_config("collective", ENC, pool_size=16, rank=3)
+    codec = codec_from_config("collective", ENC, pool_size=16, rank=3, groups=groups)
     codec.collective.init_from(caches, iters=3)
     cache = caches[0]
     payloads = codec.encode(cache)
-    assert [len(p) for p in payloads] == [12 + int(n) * (1 + 3) for n in cache.lengths]
+    assert [len(p) for p in payloads] == [12 + int(n) * (groups + 3) for n in cache.lengths]
     decoded = codec.decode(payloads)
     with torch.no_grad():
         direct = codec.collective.reconstruct(cache)
@@ -171,21 +174,23 @@ def test_collective_decode_equals_its_differentiable_reconstruction(model, make_
 def test_collective_error_shrinks_with_rank_and_pool(make_cache) -> None:
     caches = [make_cache(8, 12, seed=s) for s in range(3)]
 
-    def error(pool: int, rank: int) -> float:
-        codec = codec_from_config("collective", ENC, pool_size=pool, rank=rank)
+    def error(pool: int, rank: int, groups: int = 1) -> float:
+        codec = codec_from_config("collective", ENC, pool_size=pool, rank=rank, groups=groups)
         codec.collective.init_from(caches, iters=3)
         decoded = codec.decode(codec.encode(caches[0]))
         return sum(float((a - b).pow(2).sum()) for a, b in zip(user_rows(caches[0]), user_rows(decoded), strict=True))
 
     assert error(64, 8) < error(64, 1) < error(4, 1)
+    assert error(16, 1, groups=4) < error(16, 1, groups=1)  # product pools: more combinations
 
 
 def test_collective_two_byte_index(make_cache) -> None:
-    codec = codec_from_config("collective", ENC, pool_size=300, rank=2)
+    codec = codec_from_config("collective", ENC, pool_size=300, rank=2, groups=2)
     cache = make_cache(8, 12)
     codec.collective.init_from([cache], iters=1)
     payloads = codec.encode(cache)
-    assert [len(p) for p in payloads] == [12 + int(n) * 4 for n in cache.lengths]
+    assert [len(p) for p in payloads] == [12 + int(n) * (2 * 2 + 2) for n in cache.lengths]
+    assert int(codec.collective.route(codec.collective.features(cache)).max()) > 255  # needs the 2nd byte
     with torch.no_grad():
         direct = codec.collective.reconstruct(cache)
     for ra, rb in zip(user_rows(direct), user_rows(codec.decode(payloads)), strict=True):
@@ -222,3 +227,49 @@ def test_pages_pick_the_page_the_query_points_at(model, make_cache) -> None:
     assert keep[[2, 3, 10, 11]].all()  # the aligned page and the newest page
     assert not keep[[8, 9]].any()
     assert int(keep.sum()) == 6
+
+
+@pytest.mark.parametrize("name", ["full", "int8", "window", "pages", "summary", "collective"])
+def test_decode_on_the_serving_device_scores_like_cpu(name, model, make_cache, device) -> None:
+    """Payloads written on the CPU decode onto `device` (CUDA with LIVEREC_TEST_DEVICE=cuda) and
+    score as on the CPU; learned parts are moved with the model."""
+    cache = make_cache(4, 10, seed=7, min_len=1)
+    codec = codec_from_config(name, ENC)
+    if name == "collective":
+        codec.collective.init_from([cache], iters=2)
+    payloads = codec.encode(cache, model)
+    with torch.no_grad():
+        expected = model.user_hidden(codec.decode(payloads))
+        if codec.module is not None:
+            codec.module.to(device)
+        decoded = codec.decode(payloads, device)
+        assert decoded.valid.device.type == torch.device(device).type
+        got = model.to(device).user_hidden(decoded)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 4), st.integers(0, 9), st.integers(0, 2**31 - 1),
+    st.sampled_from([("full", {}), ("int8", {}), ("window", {"window": 3}), ("full", {"dtype": "float16"})]),
+)
+def test_any_padding_pattern_round_trips(batch, width, seed, spec) -> None:
+    """Padding anywhere (holes from chunked extension too): a user's valid slots, in order,
+    are what is stored; decoding left-packs them."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, ENC.heads, width, ENC.head_dim)
+    layers = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in range(ENC.layers)]
+    valid = torch.rand(batch, width, generator=gen) < 0.6
+    cache = KVCache(layers, valid, valid.sum(1) + torch.randint(0, 100, (batch,), generator=gen))
+    name, params = spec
+    codec = codec_from_config(name, ENC, **params)
+    decoded = codec.decode(codec.encode(cache))
+    assert torch.equal(decoded.next_pos, cache.next_pos)
+    keep = getattr(codec, "window", None)
+    for ra, rb in zip(user_rows(cache), user_rows(decoded), strict=True):
+        ra = ra[-keep:] if keep and len(ra) > keep else ra
+        assert rb.shape == ra.shape
+        if name == "int8":
+            assert ((rb - ra).abs() <= ra.abs().amax(-1, keepdim=True) / 254 * (1 + 1e-5) + 1e-7).all()
+        else:
+            assert torch.equal(rb, ra.to(codec.dtype).float())
