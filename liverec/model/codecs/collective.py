@@ -136,7 +136,8 @@ class CollectivePool(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         raw = []
         for cache in caches:
-            rows = rotate_keys(to_rows(cache), slot_positions(cache.valid, cache.next_pos), self.encoder.rope_base, True)
+            positions = slot_positions(cache.valid, cache.next_pos)
+            rows = rotate_keys(to_rows(cache), positions, self.encoder.rope_base, inverse=True)
             raw.append(rows.flatten(2)[cache.valid].float())
         x = torch.cat(raw)
         if x.shape[0] > max_rows:
@@ -145,7 +146,10 @@ class CollectivePool(nn.Module):
         self.scale.copy_(x.std(0).clamp(min=1e-6))
         z = (x - self.center) / self.scale
         g, p, d = self.pool.shape
-        pick = torch.randint(z.shape[0], (p,), generator=gen) if z.shape[0] < p else torch.randperm(z.shape[0], generator=gen)[:p]
+        if z.shape[0] < p:
+            pick = torch.randint(z.shape[0], (p,), generator=gen)
+        else:
+            pick = torch.randperm(z.shape[0], generator=gen)[:p]
         centers = z[pick].reshape(p, g, d).transpose(0, 1).clone()  # [G, P, d]
         if z.shape[0] < p:  # fewer rows than entries: repeats, jittered apart
             centers += 0.01 * torch.randn(centers.shape, generator=gen)
@@ -202,7 +206,8 @@ class CollectiveCodec(StateCodec):
             index, q = self.collective.codes(self.collective.features(cache))
         valid = cache.valid
         return [
-            HEAD.pack(int(cache.next_pos[b]), int(valid[b].sum())) + self._code_bytes(index[b][valid[b]], q[b][valid[b]])
+            HEAD.pack(int(cache.next_pos[b]), int(valid[b].sum()))
+            + self._code_bytes(index[b][valid[b]], q[b][valid[b]])
             for b in range(valid.shape[0])
         ]
 
@@ -273,6 +278,9 @@ class CollectiveCodec(StateCodec):
     @property
     def cost(self) -> Cost:
         return Cost(
-            refresh=f"append: route one position over {self.groups} x {self.pool_size} pool entries, project to {self.rank} dims",
+            refresh=(
+                f"append: route one position over {self.groups} x {self.pool_size} pool entries, "
+                f"project to {self.rank} dims"
+            ),
             serve="gather pool rows, add the rank-r part, rotate keys; attention over all positions",
         )

@@ -192,15 +192,16 @@ class Int8Codec(_RowCodec):
     def _rows_to_bytes(self, rows: Tensor) -> bytes:
         q, scale = self.quantise(rows.cpu())
         n = rows.shape[0]
-        parts = (scale.reshape(n, self.groups).numpy().view(np.uint8), q.reshape(n, self.row_numel).numpy().view(np.uint8))
+        scales = scale.reshape(n, self.groups).numpy().view(np.uint8)
+        parts = (scales, q.reshape(n, self.row_numel).numpy().view(np.uint8))
         return np.concatenate(parts, axis=1).tobytes()
 
     def _rows_from_bytes(self, data: memoryview, n: int) -> Tensor:
         raw = np.frombuffer(data, dtype=np.uint8).reshape(n, self.row_bytes)
         scale = raw[:, : self.groups * 4].copy().view(np.float32)
         q = raw[:, self.groups * 4:].view(np.int8).astype(np.float32)
-        x = torch.from_numpy(q).reshape(n, *self.row_shape) * torch.from_numpy(scale).reshape(n, *self.row_shape[:-1], 1)
-        return x
+        scales = torch.from_numpy(scale).reshape(n, *self.row_shape[:-1], 1)
+        return torch.from_numpy(q).reshape(n, *self.row_shape) * scales
 
     @property
     def cost(self) -> Cost:

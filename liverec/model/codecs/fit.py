@@ -87,7 +87,9 @@ def fit_codec(
     return losses
 
 
-def mean_loss(codec: StateCodec, model: SequentialRecommender, caches: Sequence[KVCache], item_rows: Tensor | None = None) -> float:
+def mean_loss(
+    codec: StateCodec, model: SequentialRecommender, caches: Sequence[KVCache], item_rows: Tensor | None = None
+) -> float:
     """The auxiliary loss averaged over `caches`, without gradients (for tests and logs)."""
     loss_fn = getattr(codec, "auxiliary_loss")
     with torch.no_grad():

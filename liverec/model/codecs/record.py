@@ -114,6 +114,9 @@ def decode_record(data: bytes, codec: StateCodec | None = None) -> StateRecord:
     return StateRecord(codec_id, codec_version, model_version, offset, time_ms, bytes(view[body: body + length]))
 
 
-def record_for(codec: StateCodec, payload: bytes, model_version: int, last_offset: int, last_event_time_ms: int) -> bytes:
+def record_for(
+    codec: StateCodec, payload: bytes, model_version: int, last_offset: int, last_event_time_ms: int
+) -> bytes:
     """The record of one user's payload as `codec` wrote it."""
-    return encode_record(StateRecord(codec.codec_id, codec.version, model_version, last_offset, last_event_time_ms, payload))
+    record = StateRecord(codec.codec_id, codec.version, model_version, last_offset, last_event_time_ms, payload)
+    return encode_record(record)

@@ -94,7 +94,8 @@ class PagesConfig:
         _dtype(self.dtype, "pages.dtype")
 
     def build(self, encoder: EncoderConfig) -> StateCodec:
-        return PagesCodec(encoder, self.page_size, self.pages, self.recent_pages, dtype_named("codecs.pages.dtype", self.dtype))
+        dtype = dtype_named("codecs.pages.dtype", self.dtype)
+        return PagesCodec(encoder, self.page_size, self.pages, self.recent_pages, dtype)
 
 
 @dataclass(frozen=True)
@@ -165,5 +166,6 @@ def codec_from_config(name: str, encoder: EncoderConfig | ModelConfig | None = N
     if encoder is None:
         encoder = EncoderConfig()
     if not isinstance(encoder, EncoderConfig):
-        raise ValueError(f"codecs.{name}: encoder must be an EncoderConfig or ModelConfig, got {type(encoder).__name__}")
+        kind = type(encoder).__name__
+        raise ValueError(f"codecs.{name}: encoder must be an EncoderConfig or ModelConfig, got {kind}")
     return config.build(encoder)

@@ -41,5 +41,6 @@ def query_vectors(model: SequentialRecommender, cache: KVCache) -> tuple[Tensor,
             f"pages: expected one [B, 1, 3D] qkv output per block, got {[tuple(o.shape) for o in captured]}"
         )
     cos, sin = rope_tables(cache.next_pos, cfg.head_dim, cfg.rope_base, captured[0].dtype)
-    queries = [rope(o[:, 0, : cfg.dim].reshape(b, cfg.heads, cfg.head_dim), cos[:, None], sin[:, None]) for o in captured]
+    cos, sin = cos[:, None], sin[:, None]  # over heads
+    queries = [rope(o[:, 0, : cfg.dim].reshape(b, cfg.heads, cfg.head_dim), cos, sin) for o in captured]
     return hidden, queries

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from liverec.model import EncoderConfig
+from liverec.model import EncoderConfig, KVCache
 from liverec.model.codecs import codec_from_config, distillation_loss, fit_codec
 from liverec.model.codecs.fit import mean_loss
 
@@ -57,7 +57,8 @@ def test_auxiliary_losses_train_the_model_too(model, table, histories) -> None:
         model.zero_grad()
         cache = model.encode(table(items).detach(), torch.ones_like(items), valid)
         if name == "collective":
-            codec.collective.init_from([cache.__class__([(k.detach(), v.detach()) for k, v in cache.layers], cache.valid, cache.next_pos)], iters=1)
+            frozen = [(k.detach(), v.detach()) for k, v in cache.layers]
+            codec.collective.init_from([KVCache(frozen, cache.valid, cache.next_pos)], iters=1)
         codec.auxiliary_loss(model, cache, rows).backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in codec.module.parameters()), name
         assert model.encoder.blocks[0].qkv.weight.grad.abs().sum() > 0, name

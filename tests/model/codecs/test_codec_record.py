@@ -63,7 +63,8 @@ def test_other_codec_is_refused_by_name() -> None:
 def test_unknown_format_version_is_refused() -> None:
     data = bytearray(encode_record(RECORD))
     struct.pack_into("<H", data, 4, FORMAT_VERSION + 1)
-    with pytest.raises(UnsupportedVersion, match=f"format version {FORMAT_VERSION + 1}, this reader decodes format version {FORMAT_VERSION}"):
+    message = f"format version {FORMAT_VERSION + 1}, this reader decodes format version {FORMAT_VERSION}"
+    with pytest.raises(UnsupportedVersion, match=message):
         decode_record(reseal(bytes(data)))
 
 
