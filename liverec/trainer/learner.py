@@ -141,7 +141,7 @@ class OnlineLearner:
         self.device = torch.device(device)
         torch.manual_seed(seed)
         self.model = SequentialRecommender(model_config).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=dense_lr)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=dense_lr, fused=True)
         self.items = items
         self.history = history
         self.negatives = negatives
@@ -161,12 +161,14 @@ class OnlineLearner:
         try:
             items = torch.from_numpy(w.items).to(self.device)
             emb = self.items.embed(items.reshape(-1)).reshape(*items.shape, -1).detach()
-            out = self.model.encoder(emb[:, :-1], torch.from_numpy(w.actions[:, :-1]).to(self.device),
-                                     torch.from_numpy(w.valid[:, :-1]).to(self.device), None)
             mask = torch.from_numpy(targets_mask).to(self.device)
-            user_hidden = out.query_hidden[mask]
+            # Query tokens only after slots that hold a target, and no event outputs: same ranks.
+            slots = mask.any(0).nonzero().squeeze(1)
+            out = self.model.encoder(emb[:, :-1], torch.from_numpy(w.actions[:, :-1]).to(self.device),
+                                     torch.from_numpy(w.valid[:, :-1]).to(self.device), None, slots, hidden=False)
+            user_hidden = out.query_hidden[mask[:, slots]]
             targets = items[:, 1:][mask]
-            scores = self.model.retrieval_scores(user_hidden, self.model.item_side(weights).retrieval)
+            scores = self.model.retrieval_scores(user_hidden, self.model.retrieval.item_side(weights))
             ranks = catalog_ranks(scores, keys, targets)
             pop_scores = counts.float()[None, :].expand(len(targets), -1)
             pop_ranks = catalog_ranks(pop_scores, keys, targets)
