@@ -31,7 +31,8 @@ from liverec.platform.kafka import ensure_topics, make_producer
 from liverec.platform.replay import rebase_times, replay
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STAGES = ("consume", "decode", "history", "prequential", "store", "forward_backward", "checkpoint", "publish")
+STAGES = ("consume", "decode", "history", "prequential", "store", "forward_backward", "state_refresh", "checkpoint",
+          "publish")
 
 
 def machine() -> str:
