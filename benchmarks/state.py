@@ -493,9 +493,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     x = [r["bytes_mean"] for r in rows]
     ax.scatter(x, [r["NDCG@10_ratio"] for r in rows], s=40, label="NDCG@10 / full's")
     ax.scatter(x, [r["top10_overlap"] for r in rows], s=40, marker="x", label="share of full's top-10 kept")
+    placed: dict[int, int] = {}  # codecs at the same bytes (window, pages) get stacked labels
     for r in rows:
+        k = placed[round(r["bytes_mean"])] = placed.get(round(r["bytes_mean"]), -1) + 1
         ax.annotate(r["codec"], (r["bytes_mean"], r["NDCG@10_ratio"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=7)
+                    xytext=(5, 4 - 10 * k), fontsize=7)
     ax.axvline(0.01 * rows[0]["bytes_mean"], color="grey", ls=":", lw=1)
     ax.axhline(0.99, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
