@@ -52,6 +52,10 @@ class UserState:
     seen: np.ndarray  # int64 items of the history the state covers
     state_version: int
     last_event_time_ms: int
+    #: The batch cache `cache` is row `row` of, when a source decodes many users at once: the
+    #: scorer then gathers rows from it instead of re-stacking single-user caches.
+    batch: KVCache | None = None
+    row: int = 0
 
 
 class StateSource(Protocol):
@@ -111,8 +115,45 @@ def stack_caches(caches: list[KVCache]) -> KVCache:
     return KVCache(layers, valid, torch.cat([c.next_pos for c in caches]))
 
 
+def select_rows(cache: KVCache, rows: Tensor) -> KVCache:
+    """The users `rows` of a batch cache, in that order."""
+    return KVCache([(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cache.layers],
+                   cache.valid.index_select(0, rows), cache.next_pos.index_select(0, rows))
+
+
+def batch_cache(states: list[UserState], device: torch.device) -> KVCache:
+    """The states' caches as one batch: rows of their common decoded batch when they share one
+    (the replica's case: one decode per request batch), else stacked."""
+    first = states[0].batch
+    if first is not None and all(s.batch is first for s in states):
+        rows = [s.row for s in states]
+        if rows == list(range(int(first.valid.shape[0]))):
+            return first
+        return select_rows(first, torch.tensor(rows, dtype=torch.long, device=device))
+    return stack_caches([s.cache for s in states])
+
+
+def pairs(lists: list[list[np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray]:
+    """(row, item) pairs of every item in each row's arrays: one flat form for one scatter."""
+    rows, items = [], []
+    for row, arrays in enumerate(lists):
+        for a in arrays:
+            if a is not None and len(a):
+                rows.append(np.full(len(a), row, np.int64))
+                items.append(np.asarray(a, dtype=np.int64))
+    if not items:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(items)
+
+
 class Scorer:
-    """Answers a batch of queries with one forward pass for all warm users."""
+    """Answers a batch of queries with one forward pass for all warm users.
+
+    Everything per batch runs as batched tensor work with a fixed number of device round trips
+    (one device-to-host copy of the top-k of all full-catalog queries, one of all candidate
+    queries): per-query loops only build index arrays on the host. On a GPU, a per-query
+    `topk(...).cpu()` would cost a synchronisation each and serialise the batch.
+    """
 
     def __init__(self, states: StateSource) -> None:
         self.states = states
@@ -121,52 +162,78 @@ class Scorer:
     def recommend(self, snapshot: ModelSnapshot, queries: list[Query]) -> list[Answer]:
         states = self.states.get([q.user_id for q in queries], snapshot)
         now_ms = int(time.time() * 1000)
-        warm = [i for i, s in enumerate(states) if s is not None]
         answers: list[Answer | None] = [None] * len(queries)
-        if warm:
-            cache = stack_caches([states[i].cache for i in warm])  # type: ignore[union-attr]
+        warm = [i for i, s in enumerate(states) if s is not None]
+        if warm and not len(snapshot.item_keys):  # nothing to rank yet: empty, but not cold-start, answers
+            nothing = torch.zeros(len(warm), 0)
+            self._answer(snapshot, [queries[i] for i in warm], [states[i] for i in warm],  # type: ignore[misc]
+                         nothing.long(), nothing, now_ms, warm, answers)
+        elif warm:
+            warm_states: list[UserState] = [states[i] for i in warm]  # type: ignore[misc]
+            cache = batch_cache(warm_states, snapshot.device)
             hidden = snapshot.model.user_hidden(cache)
             full = [j for j, i in enumerate(warm) if queries[i].candidates is None]
-            scores_full = snapshot.model.retrieval_scores(hidden[full], snapshot.retrieval_rows) if full else None
-            for row, j in enumerate(full):
-                i = warm[j]
-                answers[i] = self._top_k(snapshot, queries[i], states[i], scores_full[row], now_ms)
-            for j, i in enumerate(warm):
-                if queries[i].candidates is not None:
-                    answers[i] = self._rank_candidates(snapshot, queries[i], states[i], cache, hidden, j, now_ms)
+            ranked = [j for j, i in enumerate(warm) if queries[i].candidates is not None]
+            if full:
+                self._retrieve(snapshot, [queries[warm[j]] for j in full], [warm_states[j] for j in full],
+                               hidden[full], now_ms, [warm[j] for j in full], answers)
+            if ranked:
+                rows = torch.tensor(ranked, dtype=torch.long, device=snapshot.device)
+                self._rank(snapshot, [queries[warm[j]] for j in ranked], [warm_states[j] for j in ranked],
+                           select_rows(cache, rows), hidden[rows], now_ms, [warm[j] for j in ranked], answers)
         for i, q in enumerate(queries):
             if answers[i] is None:
                 answers[i] = self._cold_start(snapshot, q)
         return answers  # type: ignore[return-value]
 
-    def _mask(self, snapshot: ModelSnapshot, q: Query, state: UserState | None) -> Tensor:
-        """Catalog columns the answer must not contain."""
-        banned = torch.zeros(len(snapshot.item_keys), dtype=torch.bool, device=snapshot.device)
-        for items in (q.exclude, state.seen if (state is not None and q.exclude_seen) else None):
-            if items is not None and len(items):
-                cols, found = snapshot.columns(items)
-                banned[cols[found]] = True
+    def _banned(self, snapshot: ModelSnapshot, queries: list[Query], states: list[UserState]) -> Tensor:
+        """`[B, N]` catalog columns each answer must not contain."""
+        rows, items = pairs([[q.exclude, s.seen if q.exclude_seen else None] for q, s in zip(queries, states)])
+        banned = torch.zeros(len(queries), len(snapshot.item_keys), dtype=torch.bool, device=snapshot.device)
+        if len(items):
+            cols, found = snapshot.columns(items)
+            r = torch.from_numpy(rows).to(snapshot.device)
+            banned[r[found], cols[found]] = True
         return banned
 
-    def _top_k(self, snapshot: ModelSnapshot, q: Query, state: UserState, scores: Tensor, now_ms: int) -> Answer:
-        scores = scores.masked_fill(self._mask(snapshot, q, state), float("-inf"))
-        k = min(q.k, int(torch.isfinite(scores).sum()))
+    def _retrieve(self, snapshot: ModelSnapshot, queries: list[Query], states: list[UserState], hidden: Tensor,
+                  now_ms: int, slots: list[int], answers: list[Answer | None]) -> None:
+        """Full-catalog top-k of every query at once."""
+        scores = snapshot.model.retrieval_scores(hidden, snapshot.retrieval_rows)
+        scores = scores.masked_fill(self._banned(snapshot, queries, states), float("-inf"))
+        k = min(max(q.k for q in queries), scores.shape[1])
         top = torch.topk(scores, k)
-        return Answer(snapshot.item_keys[top.indices].cpu().numpy(), top.values.float().cpu().numpy(),
-                      snapshot.version, state.state_version, max(0, now_ms - state.last_event_time_ms), False)
+        self._answer(snapshot, queries, states, snapshot.item_keys[top.indices], top.values, now_ms, slots, answers)
 
-    def _rank_candidates(self, snapshot: ModelSnapshot, q: Query, state: UserState, cache: KVCache,
-                         hidden: Tensor, row: int, now_ms: int) -> Answer:
-        cols, found = snapshot.columns(q.candidates)  # type: ignore[arg-type]
-        banned = self._mask(snapshot, q, state)
-        keep = found & ~banned[cols]
-        cols = cols[keep]
-        one = KVCache([(k[row:row + 1], v[row:row + 1]) for k, v in cache.layers], cache.valid[row:row + 1],
-                      cache.next_pos[row:row + 1])
-        logits = snapshot.model.ranking_scores(one, hidden[row:row + 1], snapshot.ranking_rows[cols][None])[0]
-        top = torch.topk(logits, min(q.k, len(cols)))
-        return Answer(snapshot.item_keys[cols[top.indices]].cpu().numpy(), top.values.float().cpu().numpy(),
-                      snapshot.version, state.state_version, max(0, now_ms - state.last_event_time_ms), False)
+    def _rank(self, snapshot: ModelSnapshot, queries: list[Query], states: list[UserState], cache: KVCache,
+              hidden: Tensor, now_ms: int, slots: list[int], answers: list[Answer | None]) -> None:
+        """Target attention over each query's candidates, padded to the longest list."""
+        width = max(len(q.candidates) for q in queries)  # type: ignore[arg-type]
+        rows, items = pairs([[q.candidates] for q in queries])
+        device = snapshot.device
+        cols, found = snapshot.columns(items)
+        r = torch.from_numpy(rows).to(device)
+        position = torch.from_numpy(np.concatenate([np.arange(len(q.candidates)) for q in queries])).to(device)  # type: ignore[arg-type]
+        keep = found & ~self._banned(snapshot, queries, states)[r, cols]
+        grid_cols = torch.zeros(len(queries), max(width, 1), dtype=torch.long, device=device)
+        grid_keep = torch.zeros(len(queries), max(width, 1), dtype=torch.bool, device=device)
+        grid_cols[r, position] = cols
+        grid_keep[r, position] = keep
+        logits = snapshot.model.ranking_scores(cache, hidden, snapshot.ranking_rows[grid_cols])
+        logits = logits.masked_fill(~grid_keep, float("-inf"))
+        top = torch.topk(logits, min(max(q.k for q in queries), logits.shape[1]))
+        keys = snapshot.item_keys[grid_cols.gather(1, top.indices)]
+        self._answer(snapshot, queries, states, keys, top.values, now_ms, slots, answers)
+
+    @staticmethod
+    def _answer(snapshot: ModelSnapshot, queries: list[Query], states: list[UserState], keys: Tensor,
+                values: Tensor, now_ms: int, slots: list[int], answers: list[Answer | None]) -> None:
+        """One copy to the host for the whole batch; each answer keeps its k finite entries."""
+        keys_np, values_np = keys.cpu().numpy(), values.float().cpu().numpy()
+        for row, (q, s, slot) in enumerate(zip(queries, states, slots)):
+            n = min(q.k, int(np.isfinite(values_np[row]).sum()))
+            answers[slot] = Answer(keys_np[row, :n].copy(), values_np[row, :n].copy(), snapshot.version,
+                                   s.state_version, max(0, now_ms - s.last_event_time_ms), False)
 
     def _cold_start(self, snapshot: ModelSnapshot, q: Query) -> Answer:
         """Unknown users get the most popular items (or candidates by popularity), flagged as such."""
@@ -177,8 +244,12 @@ class Scorer:
             rank[order] = torch.arange(len(order), device=order.device)
             cols = cols[found]
             order = cols[torch.argsort(rank[cols])]
-        banned = self._mask(snapshot, q, None)
-        order = order[~banned[order]][: q.k]
+        if q.exclude is not None and len(q.exclude):
+            cols, found = snapshot.columns(q.exclude)
+            banned = torch.zeros(len(snapshot.item_keys), dtype=torch.bool, device=snapshot.device)
+            banned[cols[found]] = True
+            order = order[~banned[order]]
+        order = order[: q.k]
         n = len(order)
         return Answer(snapshot.item_keys[order].cpu().numpy(), np.linspace(1.0, 0.0, n, dtype=np.float32) if n else
                       np.zeros(0, np.float32), snapshot.version, -1, 0, True)

@@ -78,7 +78,7 @@ class CodecStates:
         for row, (i, seen, offset, time_ms) in enumerate(good):
             one = KVCache([(k[row:row + 1], v[row:row + 1]) for k, v in cache.layers], cache.valid[row:row + 1],
                           cache.next_pos[row:row + 1])
-            out[i] = UserState(one, seen, offset, time_ms)
+            out[i] = UserState(one, seen, offset, time_ms, batch=cache, row=row)
             self.metrics.lookups.labels(result="hit").inc()
             self.metrics.staleness.observe(max(0.0, now - time_ms / 1000))
         return out
