@@ -36,6 +36,7 @@ same pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -174,11 +175,13 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor, first: int = 0
+        self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor, first: int = 0,
+        queries_out: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x `[B, N, D]` with rotation tables `[B, N, 1, 1, D/H]`; mask `[B, 1, N, P + N]` over
         past + own keys. Returns the new x of tokens `first:` only, and the (rotated) K and V of
-        all N tokens, `[B, H, N, D/H]`.
+        all N tokens, `[B, H, N, D/H]`. With `queries_out`, appends the rotated queries of tokens
+        `first:`, `[B, H, N - first, D/H]` (what `SequenceEncoder.query` returns on request).
 
         The last layer passes `first = T` when no one reads the events' hidden states (training
         and scoring read only the query tokens and the K/V): the events then only project K/V.
@@ -191,6 +194,8 @@ class Block(nn.Module):
         values = torch.cat((past_v.to(v.dtype), v), dim=2) if past_v.shape[2] else v
         drop = self.dropout if self.training else 0.0
         q, mask = q[:, :, first:], mask[:, :, first:]
+        if queries_out is not None:
+            queries_out.append(q)
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=drop)
         x = x[:, first:] + self.drop(self.proj(a.transpose(1, 2).flatten(2)))
         x = x + self.drop(self.ffn(self.norm2(x)))
@@ -258,17 +263,29 @@ class SequenceEncoder(nn.Module):
         assert hidden is not None
         return hidden, kv.compact(self.config.max_len if capacity is None else capacity)
 
-    def query(self, cache: KVCache) -> Tensor:
+    @overload
+    def query(self, cache: KVCache, return_queries: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def query(self, cache: KVCache, return_queries: Literal[True]) -> tuple[Tensor, list[Tensor]]: ...
+
+    def query(self, cache: KVCache, return_queries: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Hidden state `[B, D]` of a query token at `next_pos` attending over `cache` (any K/V:
         encoded, extended, or decoded by a state codec). A user with no events gets a valid
-        (history-free) answer, since the query token also attends to itself."""
+        (history-free) answer, since the query token also attends to itself.
+
+        `return_queries`: also the token's rotated attention query of every layer, `[B, H, D/H]`
+        each, which the `pages` codec ranks pages with (what the token looks for in the cache)."""
         b = cache.valid.shape[0]
         empty = self.query_token.new_zeros(b, 0, self.config.dim)
         actions = torch.zeros(b, 0, dtype=torch.long, device=empty.device)
         anchors = torch.full((1,), -1, dtype=torch.long, device=empty.device)
-        _, query_hidden, _, _ = self._run(cache, empty, actions, None, anchors, False)
+        queries: list[Tensor] | None = [] if return_queries else None
+        _, query_hidden, _, _ = self._run(cache, empty, actions, None, anchors, False, queries)
         assert query_hidden is not None
-        return query_hidden[:, 0]
+        if queries is None:
+            return query_hidden[:, 0]
+        return query_hidden[:, 0], [q[:, :, 0] for q in queries]
 
     def _run(
         self,
@@ -278,6 +295,7 @@ class SequenceEncoder(nn.Module):
         valid: Tensor | None,
         anchors: Tensor | None,
         hidden: bool,
+        queries_out: list[Tensor] | None = None,
     ) -> tuple[Tensor | None, Tensor | None, KVCache, Tensor]:
         """Run T new events (and Q query tokens) through every layer on top of `cache`.
 
@@ -306,7 +324,7 @@ class SequenceEncoder(nn.Module):
         layers = []
         last = len(self.blocks) - 1
         for i, (block, (past_k, past_v)) in enumerate(zip(self.blocks, cache.layers, strict=True)):
-            x, k, v = block(x, cos, sin, past_k, past_v, mask, 0 if hidden or i < last else t)
+            x, k, v = block(x, cos, sin, past_k, past_v, mask, 0 if hidden or i < last else t, queries_out)
             new_k, new_v = k[:, :, :t], v[:, :, :t]
             if past_k.shape[2]:
                 new_k, new_v = torch.cat((past_k.to(k.dtype), new_k), 2), torch.cat((past_v.to(v.dtype), new_v), 2)

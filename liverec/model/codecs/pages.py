@@ -33,7 +33,6 @@ from torch import Tensor
 
 from liverec.model.codecs.base import Cost
 from liverec.model.codecs.dense import FullCodec
-from liverec.model.codecs.trace import query_vectors
 from liverec.model.config import EncoderConfig
 from liverec.model.encoder import KVCache
 
@@ -68,7 +67,7 @@ class PagesCodec(FullCodec):
         # events (a partial oldest page only exists beyond the budget, where it is never needed).
         have = valid.sum(1)[:, None] // self.page_size > torch.arange(n_pages, device=valid.device)
         with torch.no_grad():
-            _, queries = query_vectors(model, cache)
+            _, queries = model.encoder.query(cache, return_queries=True)
             mass = torch.zeros(valid.shape[0], n_pages, device=valid.device)
             dump = torch.where(valid, page, torch.full_like(page, n_pages))  # padding -> extra page
             for (k, _v), q in zip(cache.layers, queries, strict=True):

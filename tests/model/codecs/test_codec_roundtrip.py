@@ -109,14 +109,13 @@ def test_pages_keep_whole_pages_newest_first(model, make_cache) -> None:
         assert torch.isfinite(model.user_hidden(decoded)).all()
 
 
-def test_pages_query_vectors_match_the_encoder(model, make_cache) -> None:
-    """The hooked queries are the block's own: recompute layer 0's by hand."""
-    from liverec.model.codecs.trace import query_vectors
+def test_encoder_query_returns_the_blocks_own_queries(model, make_cache) -> None:
+    """The queries `pages` ranks pages with are the block's own: recompute layer 0's by hand."""
     from liverec.model.encoder import rope, rope_tables
 
     cache = make_cache(3, 6)
     with torch.no_grad():
-        hidden, queries = query_vectors(model, cache)
+        hidden, queries = model.encoder.query(cache, return_queries=True)
         torch.testing.assert_close(hidden, model.user_hidden(cache))
         enc = model.encoder
         x = enc.query_token.expand(3, 1, ENC.dim)
@@ -211,11 +210,9 @@ def test_payloads_of_another_shape_are_refused(make_cache) -> None:
 def test_pages_pick_the_page_the_query_points_at(model, make_cache) -> None:
     """Query-centric, not just recency: an old page whose keys align with the query token's
     queries is kept over more recent pages, and a page pointing away is dropped."""
-    from liverec.model.codecs.trace import query_vectors
-
     cache = make_cache(1, 12, min_len=12)
     with torch.no_grad():
-        _, queries = query_vectors(model, cache)
+        _, queries = model.encoder.query(cache, return_queries=True)
     layers = []
     for (k, v), q in zip(cache.layers, queries, strict=True):
         k = k * 0.01
