@@ -76,6 +76,10 @@ class StateCodec(abc.ABC):
     codec_id: str = ""
     version: int = 1
     incremental: bool = False
+    #: Whether `decode` reads the learned parameters (`module`): then a payload decodes only with
+    #: the parameters it was encoded with (the record's `params_version`). `summary` decodes
+    #: without them (its payload holds plain K/V rows); `collective` needs its pool.
+    decode_needs_params: bool = False
 
     def __init__(self, encoder: EncoderConfig) -> None:
         self.encoder = encoder

@@ -172,16 +172,20 @@ class CollectivePool(nn.Module):
         self.calibrate(z)
 
     @torch.no_grad()
-    def calibrate(self, z: Tensor, quantile: float = 0.999) -> None:
-        """Set the int8 scale of each user dim from standardised features `z [N, Z]`."""
+    def calibrate(self, z: Tensor, quantile: float = 0.999, momentum: float = 0.0) -> None:
+        """Set the int8 scale of each user dim from standardised features `z [N, Z]`; with
+        `momentum` m, move it to `m * old + (1 - m) * new` (online training calibrates on each
+        micro-batch's few rows, so it averages)."""
         u = (z - self.lookup(self.route(z))) @ self.down
         top = torch.quantile(u.abs()[: 1 << 16].float(), quantile, dim=0)
-        self.code_scale.copy_((top / 127.0).clamp(min=1e-8))
+        fresh = (top / 127.0).clamp(min=1e-8)
+        self.code_scale.copy_(momentum * self.code_scale + (1 - momentum) * fresh)
 
 
 class CollectiveCodec(StateCodec):
     codec_id = "collective"
     incremental = True
+    decode_needs_params = True
     fit_lr = 3e-3
 
     def __init__(self, encoder: EncoderConfig, pool_size: int, rank: int, groups: int = 1) -> None:

@@ -6,7 +6,11 @@ Layout (little-endian):
     format         u16      FORMAT_VERSION of this layout
     codec id len   u8, then the codec id (ASCII)
     codec version  u16
-    model version  u64      the dense model version whose encoder produced the state
+    model version  u64      the dense model version whose encoder produced the state (for a
+                            state appended to, the oldest version among its parts)
+    params version u64      the model version whose published codec parameters encoded the
+                            payload (0: the codec has no learned parameters); a codec whose
+                            decode needs its parameters (`collective`) decodes with exactly those
     last offset    i64      offset of the last event the state includes (-1: none)
     last time ms   i64      event time of that event
     payload len    u32
@@ -31,9 +35,9 @@ if TYPE_CHECKING:
     from liverec.model.codecs.base import StateCodec
 
 MAGIC = b"LVST"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<4sHB")  # magic, format, codec id length
-_FIELDS = struct.Struct("<HQqqI")  # codec version, model version, offset, time, payload length
+_FIELDS = struct.Struct("<HQQqqI")  # codec version, model and params versions, offset, time, payload length
 _CRC = struct.Struct("<I")
 
 
@@ -61,6 +65,7 @@ class StateRecord:
     last_offset: int
     last_event_time_ms: int
     payload: bytes
+    params_version: int = 0
 
 
 def encode_record(record: StateRecord) -> bytes:
@@ -71,8 +76,8 @@ def encode_record(record: StateRecord) -> bytes:
         _PREFIX.pack(MAGIC, FORMAT_VERSION, len(codec))
         + codec
         + _FIELDS.pack(
-            record.codec_version, record.model_version, record.last_offset, record.last_event_time_ms,
-            len(record.payload),
+            record.codec_version, record.model_version, record.params_version, record.last_offset,
+            record.last_event_time_ms, len(record.payload),
         )
         + record.payload
     )
@@ -96,7 +101,7 @@ def decode_record(data: bytes, codec: StateCodec | None = None) -> StateRecord:
     if len(view) < start + _FIELDS.size + _CRC.size:
         raise CorruptRecord(f"state record: {len(view)} bytes, too short for its header")
     codec_id = bytes(view[_PREFIX.size:start]).decode("ascii", errors="replace")
-    codec_version, model_version, offset, time_ms, length = _FIELDS.unpack_from(view, start)
+    codec_version, model_version, params_version, offset, time_ms, length = _FIELDS.unpack_from(view, start)
     body = start + _FIELDS.size
     if body + length + _CRC.size != len(view):
         raise CorruptRecord(f"state record: payload length {length} does not match {len(view)} record bytes")
@@ -111,12 +116,16 @@ def decode_record(data: bytes, codec: StateCodec | None = None) -> StateRecord:
                 f"state record: codec {codec_id!r} version {codec_version}, this reader decodes "
                 f"{codec_id!r} version {codec.version} only"
             )
-    return StateRecord(codec_id, codec_version, model_version, offset, time_ms, bytes(view[body: body + length]))
+    payload = bytes(view[body: body + length])
+    return StateRecord(codec_id, codec_version, model_version, offset, time_ms, payload, params_version)
 
 
 def record_for(
-    codec: StateCodec, payload: bytes, model_version: int, last_offset: int, last_event_time_ms: int
+    codec: StateCodec, payload: bytes, model_version: int, last_offset: int, last_event_time_ms: int,
+    params_version: int = 0,
 ) -> bytes:
-    """The record of one user's payload as `codec` wrote it."""
-    record = StateRecord(codec.codec_id, codec.version, model_version, last_offset, last_event_time_ms, payload)
+    """The record of one user's payload as `codec` wrote it (with the codec parameters of
+    model version `params_version`, 0 for a codec without learned parameters)."""
+    record = StateRecord(codec.codec_id, codec.version, model_version, last_offset, last_event_time_ms, payload,
+                         params_version)
     return encode_record(record)

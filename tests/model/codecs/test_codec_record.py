@@ -24,7 +24,7 @@ from liverec.model.codecs.record import FORMAT_VERSION, MAGIC
 
 ENC = EncoderConfig(dim=16, layers=2, heads=2, max_len=12, dropout=0.0)
 RECORD = StateRecord("window", 1, model_version=7, last_offset=123_456, last_event_time_ms=1_700_000_000_123,
-                     payload=bytes(range(200)))
+                     payload=bytes(range(200)), params_version=5)
 
 
 def reseal(data: bytes) -> bytes:
@@ -45,6 +45,9 @@ def test_record_for_a_codec_is_read_back_by_that_codec(make_cache) -> None:
     data = record_for(codec, payload, model_version=2, last_offset=99, last_event_time_ms=5)
     record = decode_record(data, codec)
     assert (record.codec_id, record.codec_version, record.model_version, record.payload) == ("int8", 1, 2, payload)
+    assert record.params_version == 0  # int8 has no learned parameters
+    learned = decode_record(record_for(codec, payload, 9, 99, 5, params_version=8), codec)
+    assert (learned.model_version, learned.params_version) == (9, 8)
 
 
 def test_unknown_codec_version_is_refused_by_name() -> None:
