@@ -157,10 +157,29 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class StateConfig:
-    """Per-user serving state: which codec compresses it (see liverec.model.codecs) and its params."""
+    """Per-user serving state: which codec compresses it (see liverec.model.codecs) and its params.
+
+    Refresh (liverec/trainer/state.py). After each micro-batch the trainer rewrites the state of
+    every touched user and re-encodes, from the history store, at most `reencode_per_batch` other
+    users whose state is from an older model version, oldest first (also while idle);
+    `liverec_trainer_state_versions_behind` reports how far behind the oldest stored state is.
+    Codecs without learned parts that can append (`full`, `int8`, `window`) append the new events
+    to a stored state at most `append_max_versions_behind` model versions old instead of
+    re-encoding the history; 0 appends only onto a state of the current version, which is exact
+    but never happens while the model learns every micro-batch. An appended state keeps the
+    oldest version among its parts, so it is re-encoded once that falls too far behind.
+
+    Learned codecs (`summary`, `collective`) are trained online with the model and their
+    parameters published with each version; a serving replica keeps the parameters of the last
+    `codec_generations_kept` versions, because a `collective` state decodes only with the pool
+    it was encoded with (a state older than that is a miss until it is re-encoded).
+    """
 
     codec: str = "int8"
     params: dict[str, Any] = field(default_factory=dict)
+    reencode_per_batch: int = 32
+    append_max_versions_behind: int = 0
+    codec_generations_kept: int = 16
 
     def __post_init__(self) -> None:
         from liverec.model.codecs.registry import codec_config
@@ -169,6 +188,11 @@ class StateConfig:
             codec_config(self.codec, **self.params)
         except (TypeError, ValueError) as exc:
             raise ConfigError("state.codec", str(exc)) from None
+        for name in ("reencode_per_batch", "append_max_versions_behind"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, f"state.{name}", f"must be an integer >= 0, got {value!r}")
+        _require(isinstance(self.codec_generations_kept, int) and self.codec_generations_kept >= 1,
+                 "state.codec_generations_kept", f"must be an integer >= 1, got {self.codec_generations_kept!r}")
 
 
 @dataclass(frozen=True)
