@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `checkpoints/NNNNNNNN/` holding
 - `trainer.pt`: dense weights, Adam state, model version, RNG states, the next offset of every
-  partition, and the event counters;
+  partition, the event counters, and a learned state codec's parameters (live and published)
+  with their Adam state (`CodecTrainer.state_dict`);
 - `history/`: a RocksDB checkpoint of the per-user history store;
 - a reference to the embedding store's own checkpoint (full or incremental, under `store/`);
 - `MANIFEST.json`, written last: sizes and sha256 of every file, and the store checkpoint name.

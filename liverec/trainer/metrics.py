@@ -42,6 +42,18 @@ class TrainerMetrics:
                          ["partition"], registry=r)
         self.state_refreshes = Counter("liverec_trainer_state_refreshes", "User states re-encoded and published.",
                                        registry=r)
+        self.state_appends = Counter("liverec_trainer_state_appends",
+                                     "User states refreshed by appending the new events to the stored state.",
+                                     registry=r)
+        self.state_reencoded = Counter("liverec_trainer_state_reencoded",
+                                       "Stale user states re-encoded in the background (not touched by a batch).",
+                                       registry=r)
+        self.state_versions_behind = Gauge("liverec_trainer_state_versions_behind",
+                                           "Model versions between the current model and the oldest stored user "
+                                           "state.", registry=r)
+        self.codec_loss = Gauge("liverec_trainer_codec_loss",
+                                "Auxiliary (distillation) loss of the learned state codec, last micro-batch.",
+                                registry=r)
         self.model_version = Gauge("liverec_trainer_model_version", "Dense model version (batches applied).",
                                    registry=r)
         self._last_checkpoint_time = time.time()

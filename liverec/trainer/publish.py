@@ -4,8 +4,10 @@ Sparse rows go out as deltas (only rows changed or removed since the last publis
 store's change log), so parameter sync costs what training touched, not the table's size. The
 first publish after start is a full snapshot: a restarted trainer cannot know which of its
 rows a replica already has. Dense weights are small and go out whole, chunked under Kafka's
-message-size limit. The commit record is written last; replicas swap a version in only when its
-commit arrives (see proto/liverec/v1/params.proto).
+message-size limit. A learned state codec's parameters (see codec_training.py) ride in the same
+dense blob under `PARAMS_PREFIX`, so they belong to the version atomically. The commit record is
+written last; replicas swap a version in only when its commit arrives (see
+proto/liverec/v1/params.proto).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kafka import KafkaProducer
 from torch import nn
 
 from liverec.embedding_store.store import EmbeddingStore
+from liverec.model.codecs.base import PARAMS_PREFIX
 from liverec.model.config import ModelConfig
 from liverec.v1 import params_pb2
 
@@ -36,9 +39,11 @@ def dense_key(part: int) -> bytes:
     return f"dense/{part}".encode()
 
 
-def dense_bytes(model: nn.Module) -> bytes:
+def dense_bytes(model: nn.Module, codec_state: dict[str, torch.Tensor] | None = None) -> bytes:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state.update({PARAMS_PREFIX + k: v.detach().cpu() for k, v in (codec_state or {}).items()})
     buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    torch.save(state, buffer)
     return buffer.getvalue()
 
 
@@ -49,8 +54,10 @@ class ParamPublisher:
         self.model_config_json = json.dumps(dataclasses.asdict(model_config), sort_keys=True)
         self._published_once = False
 
-    def publish(self, store: EmbeddingStore, model: nn.Module, version: int, event_time_ms: int) -> int:
-        """Send the rows changed since the last publish, the dense weights and a commit; returns rows sent."""
+    def publish(self, store: EmbeddingStore, model: nn.Module, version: int, event_time_ms: int,
+                codec_state: dict[str, torch.Tensor] | None = None) -> int:
+        """Send the rows changed since the last publish, the dense weights (with `codec_state`, a
+        learned codec's parameters) and a commit; returns rows sent."""
         full = not self._published_once
         rows = 0
         for name, table in store.tables.items():
@@ -66,7 +73,7 @@ class ParamPublisher:
                 self.producer.send(self.topic, key=item_key(name, key), value=None)
             rows += len(removed)
         store.mark()
-        blob = dense_bytes(model)
+        blob = dense_bytes(model, codec_state)
         parts = max(1, -(-len(blob) // DENSE_CHUNK_BYTES))
         for part in range(parts):
             chunk = params_pb2.DenseChunk(version=version, part=part, parts=parts,

@@ -32,10 +32,12 @@ from kafka.structs import OffsetAndMetadata
 from liverec.embedding_store.config import TableConfig
 from liverec.embedding_store.store import EmbeddingStore
 from liverec.model.codecs.base import StateCodec
+from liverec.model.codecs.record import record_for
 from liverec.model.codecs.registry import codec_from_config
-from liverec.platform.config import ConfigError, LiverecConfig
+from liverec.platform.config import LiverecConfig
 from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
 from liverec.trainer.checkpoint import CheckpointManager
+from liverec.trainer.codec_training import CodecTrainer
 from liverec.trainer.decode import EventBatch, Rejected, decode_records
 from liverec.trainer.dlq import DeadLetterQueue
 from liverec.trainer.history import HistoryStore
@@ -66,13 +68,8 @@ class Counters:
 
 
 def build_online_codec(config: LiverecConfig) -> StateCodec:
-    """The codec the trainer refreshes states with; learned codecs are not trained online yet."""
-    codec = codec_from_config(config.state.codec, config.model, **config.state.params)
-    if codec.module is not None:
-        raise ConfigError("state.codec", f"{config.state.codec!r} has learned parts, which the online trainer does "
-                          "not train yet; use full, int8, window or pages (learned codecs are fitted by "
-                          "`liverec bench state`)")
-    return codec
+    """The codec the trainer refreshes states with (a fresh instance: learned ones start untrained)."""
+    return codec_from_config(config.state.codec, config.model, **config.state.params)
 
 
 def item_table_config(config: LiverecConfig) -> TableConfig:
@@ -100,6 +97,10 @@ class TrainerWorker:
         self.offsets: dict[int, int] = {}
         self.counters = Counters()
         self._preq_window: list[tuple[int, float, float]] = []
+        self.codec = build_online_codec(config)
+        # Learned codecs train online; their frozen copy (the published parameters) encodes states.
+        self.codec_trainer = (CodecTrainer(lambda: build_online_codec(config), tc.seed)
+                              if self.codec.module is not None else None)
         if restored:
             self._load_state(restored.state)
             self.history.restore_from(restored.path / "history")
@@ -111,7 +112,6 @@ class TrainerWorker:
         self._last_event_time_ms = 0
         self._last_lag_time = 0.0
         self.metrics_port: int | None = None
-        self.codec = build_online_codec(config)
         # Cumulative wall seconds per stage (consume, decode, history, prequential, store,
         # forward_backward, checkpoint): the train benchmark reports their shares.
         self.stage_seconds: dict[str, float] = {}
@@ -127,6 +127,7 @@ class TrainerWorker:
             "torch_rng": torch.get_rng_state(),
             "sampler_rng": self.learner.generator.get_state(),
             "offsets": dict(self.offsets),
+            "codec": self.codec_trainer.state_dict() if self.codec_trainer is not None else None,
             "counters": {"consumed": c.consumed, "applied": c.applied, "dead_lettered": dict(c.dead_lettered),
                          "scored": c.scored, "hits": c.hits, "ndcg_sum": c.ndcg_sum,
                          "pop_hits": c.pop_hits, "pop_ndcg_sum": c.pop_ndcg_sum},
@@ -139,6 +140,8 @@ class TrainerWorker:
         torch.set_rng_state(state["torch_rng"])
         self.learner.generator.set_state(state["sampler_rng"])
         self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
+        if self.codec_trainer is not None and state.get("codec") is not None:
+            self.codec_trainer.load_state_dict(state["codec"])
         self.counters = Counters(**state["counters"])
 
     def checkpoint(self) -> Path:
@@ -185,7 +188,8 @@ class TrainerWorker:
         self.dlq = DeadLetterQueue(make_producer(config.kafka), config.topics.dlq, self.metrics)
         self.publisher = ParamPublisher(make_producer(config.kafka), config.topics.params, config.model)
         self.states = StateWriter(self.codec, self.state_dir / "state", make_producer(config.kafka),
-                                  config.topics.user_state)
+                                  config.topics.user_state, max_len=config.model.encoder.max_len,
+                                  append_max_versions_behind=config.state.append_max_versions_behind)
 
     def _log_ends(self) -> dict[int, int] | None:
         """Each partition's log end offset, from the high watermark of the latest fetch responses.
@@ -247,6 +251,8 @@ class TrainerWorker:
                 if batch:
                     first_buffered = 0.0 if not any(buffers.values()) else now
                     self._process(batch)
+                elif self._reencode_stale():
+                    pass  # idle: the bounded background re-encode catches up on stale states
                 elif idle_exit_s is not None and now - last_data >= idle_exit_s and not any(buffers.values()):
                     break
                 self._update_lag()
@@ -327,25 +333,103 @@ class TrainerWorker:
                 m.store_gauge.labels(table=name, stat=stat).set(getattr(stats, stat))
         if self._events_since_checkpoint >= tc.checkpoint_every_events:
             self.checkpoint()
-        if time.monotonic() - self._last_publish_time >= tc.publish_every_s:
+        if self._publish_due():
             self.publish()
 
     def publish(self) -> None:
-        """Send the parameters changed since the last publish to serving (see publish.py)."""
+        """Send the parameters changed since the last publish to serving (see publish.py); a
+        learned codec's current parameters become the ones states are encoded with from now on,
+        published in the same version as the dense weights."""
         start = time.perf_counter()
-        self.publisher.publish(self.store, self.learner.model, self.learner.version, self._last_event_time_ms)
+        version = self.learner.version
+        codec_state = self.codec_trainer.freeze(version) if self.codec_trainer is not None else None
+        self.publisher.publish(self.store, self.learner.model, version, self._last_event_time_ms, codec_state)
         self._last_publish_time = time.monotonic()
         self.stage_seconds["publish"] = self.stage_seconds.get("publish", 0.0) + time.perf_counter() - start
 
     def _refresh_states(self, batch: EventBatch) -> None:
-        """Re-encode the state of every user in `batch` with the model that just learned from it."""
+        """Rewrite the state of every user in `batch` with the model that just learned from it
+        (appended to where `StateWriter.can_append` allows, else re-encoded), train a learned
+        codec on the re-encoded caches, then re-encode a bounded number of stale users."""
         order = np.lexsort((batch.offset, batch.user_id))
         users, first = np.unique(batch.user_id[order], return_index=True)
-        last = order[np.append(first[1:], len(order)) - 1]  # each user's newest event in the batch
-        refreshed = self.states.refresh(users, self.history.get_many(users), batch.offset[last],
-                                        batch.event_time_ms[last], self.learner.model, self.learner.items,
-                                        self.learner.version)
-        self.metrics.state_refreshes.inc(refreshed)
+        ends = np.append(first[1:], len(order))
+        last = order[ends - 1]  # each user's newest event in the batch
+        new_counts = (ends - first).tolist()
+        first_offsets = batch.offset[order[first]].tolist()
+        histories = self.history.get_many(users)
+        old = self.states.stored(users.tolist())
+        version = self.learner.version
+        model, items = self.learner.model, self.learner.items
+        append = [i for i, h in enumerate(histories)
+                  if self.states.can_append(old[i], len(h), new_counts[i], first_offsets[i], version)]
+        chosen = set(append)
+        encode = [i for i, h in enumerate(histories) if len(h) and i not in chosen]
+        payloads: dict[int, bytes] = {}
+        versions: dict[int, int] = {}
+        if encode:
+            cache = self.states.encode_histories([histories[i] for i in encode], model, items)
+            if self.codec_trainer is not None:
+                _keys, catalog, _counts = items.catalog()
+                self.metrics.codec_loss.set(self.codec_trainer.step(model, cache, catalog))
+                if self.codec_trainer.generation == 0 or self._publish_due():
+                    self.publish()  # states below are encoded with parameters serving receives
+            codec, _ = self._encoding_codec()
+            payloads.update(zip(encode, codec.encode(cache, model)))
+            versions.update(dict.fromkeys(encode, version))
+        if append:
+            appended = self.states.append([old[i] for i in append], [histories[i] for i in append],  # type: ignore[misc]
+                                          [new_counts[i] for i in append], model, items)
+            payloads.update(zip(append, appended))
+            versions.update({i: old[i].model_version for i in append})  # type: ignore[union-attr]
+            self.metrics.state_appends.inc(len(append))
+        rows = sorted(payloads)
+        codec, params_version = self._encoding_codec()
+        records = [record_for(codec, payloads[i], versions[i], int(batch.offset[last[i]]),
+                              int(batch.event_time_ms[last[i]]), params_version) for i in rows]
+        self.states.write([int(users[i]) for i in rows], [histories[i] for i in rows], records,
+                          [versions[i] for i in rows], [old[i].model_version if old[i] else None for i in rows])
+        self.metrics.state_refreshes.inc(len(rows))
+        self._reencode_stale()
+
+    def _encoding_codec(self) -> tuple[StateCodec, int]:
+        """The codec instance states are encoded with now, and its parameter version."""
+        if self.codec_trainer is None:
+            return self.codec, 0
+        return self.codec_trainer.frozen, self.codec_trainer.generation
+
+    def _publish_due(self) -> bool:
+        return time.monotonic() - self._last_publish_time >= self.config.trainer.publish_every_s
+
+    def _reencode_stale(self) -> int:
+        """Re-encode, from the history store, up to `state.reencode_per_batch` users whose state is
+        from an older model version, oldest first; returns how many index entries it handled."""
+        version = self.learner.version
+        ready = self.codec_trainer is None or self.codec_trainer.generation > 0
+        stale = self.states.stalest(self.config.state.reencode_per_batch, version) if ready else []
+        if stale:
+            start = time.perf_counter()
+            users = [u for u, _ in stale]
+            histories = self.history.get_many(np.asarray(users, dtype=np.int64))
+            old = self.states.stored(users)
+            rows = [i for i, h in enumerate(histories) if len(h) and old[i] is not None]
+            kept = set(rows)
+            self.states.forget([entry for i, entry in enumerate(stale) if i not in kept])
+            if rows:
+                model = self.learner.model
+                cache = self.states.encode_histories([histories[i] for i in rows], model, self.learner.items)
+                codec, params_version = self._encoding_codec()
+                records = [record_for(codec, payload, version, old[i].last_offset,  # type: ignore[union-attr]
+                                      old[i].last_event_time_ms, params_version)  # type: ignore[union-attr]
+                           for i, payload in zip(rows, codec.encode(cache, model))]
+                self.states.write([users[i] for i in rows], [histories[i] for i in rows], records,
+                                  [version] * len(rows), [stale[i][1] for i in rows])
+                self.metrics.state_reencoded.inc(len(rows))
+            seconds = time.perf_counter() - start
+            self.stage_seconds["state_reencode"] = self.stage_seconds.get("state_reencode", 0.0) + seconds
+        oldest = self.states.oldest_version()
+        self.metrics.state_versions_behind.set(max(0, version - oldest) if oldest is not None else 0)
+        return len(stale)
 
     def _dead_letter(self, rejected: list[Rejected]) -> None:
         if not rejected:
@@ -412,8 +496,11 @@ def state_digest(worker: TrainerWorker) -> dict[str, Any]:
     history = hashlib.sha256()
     for user, hist in worker.history.items():
         history.update(np.int64(user).tobytes() + hist.item.tobytes() + hist.time_ms.tobytes() + hist.action.tobytes())
+    trainer = worker.codec_trainer
+    codec = trainer.state_dict()["live"] if trainer is not None else {}
     return {
         "dense": digest([v for _, v in sorted(worker.learner.model.state_dict().items())]),
+        "codec": digest([v for _, v in sorted(codec.items())]),
         "store": digest([keys[order], weights[order]]),
         "history": history.hexdigest(),
         "applied": worker.counters.applied,

@@ -47,6 +47,10 @@ _RAW_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float
 #: Every payload starts with the user's next position and the number of stored slots.
 HEAD = struct.Struct("<qI")
 
+#: A learned codec's parameters travel in a published version's dense weights under this key
+#: prefix (`liverec.params`), so they swap in atomically with the model they belong to.
+PARAMS_PREFIX = "state_codec."
+
 
 class PayloadError(ValueError):
     """A payload that does not fit the codec reading it (wrong length, dtype, shape)."""
