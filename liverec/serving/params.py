@@ -3,7 +3,8 @@
 Records are applied in topic order into a staging area; when a commit arrives whose dense
 chunks are all present and whose checksum matches, the staged state becomes the new committed
 version in one reference swap. Readers only ever see committed versions, so no request sees
-half a version.
+half a version. A learned state codec's parameters ride in the dense blob (keys under
+`PARAMS_PREFIX`) and come out as `ParamsVersion.codec_state`, swapped in with the same version.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from liverec.model.codecs.base import PARAMS_PREFIX
 from liverec.model.config import EncoderConfig, ModelConfig
 from liverec.v1 import params_pb2
 
@@ -35,6 +37,7 @@ class ParamsVersion:
     model_config: ModelConfig
     dense_state: dict[str, torch.Tensor]
     rows: dict[str, dict[int, tuple[np.ndarray, int]]]  # table -> key -> (weights, count)
+    codec_state: dict[str, torch.Tensor] = field(default_factory=dict)  # a learned codec's, or empty
 
     def table(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys [N] sorted, weights [N, D], counts [N]) of one table."""
@@ -97,10 +100,12 @@ class ParamsMaterializer:
         if hashlib.sha256(blob).digest() != commit.dense_sha256:
             raise ParamsError(f"commit {commit.version}: dense weights do not match their checksum")
         state: dict[str, Any] = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        codec_state = {k[len(PARAMS_PREFIX):]: v for k, v in state.items() if k.startswith(PARAMS_PREFIX)}
         version = ParamsVersion(
             version=commit.version, event_time_ms=commit.event_time_ms,
-            model_config=model_config_from_json(commit.model_config_json), dense_state=state,
-            rows={table: dict(rows) for table, rows in self._staging.rows.items()},
+            model_config=model_config_from_json(commit.model_config_json),
+            dense_state={k: v for k, v in state.items() if not k.startswith(PARAMS_PREFIX)},
+            rows={table: dict(rows) for table, rows in self._staging.rows.items()}, codec_state=codec_state,
         )
         with self._lock:
             self._committed = version

@@ -6,10 +6,11 @@ import logging
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from liverec.model.codecs.base import StateCodec
 from liverec.model.codecs.registry import codec_from_config
-from liverec.platform.config import ConfigError, LiverecConfig
+from liverec.platform.config import LiverecConfig
 from liverec.serving.backend import Answer, ModelSnapshot, Query, Scorer
-from liverec.serving.replica import Replica
+from liverec.serving.replica import Replica, resolve_device
 from liverec.serving.service import build_server, serve_until_signalled
 from liverec.serving.states import CodecStates, StateMetrics
 
@@ -34,10 +35,13 @@ class ReplicaBackend:
 
 
 def build_replica(config: LiverecConfig, registry: CollectorRegistry) -> tuple[Replica, ReplicaBackend]:
-    codec = codec_from_config(config.state.codec, config.model, **config.state.params)
-    if codec.module is not None:
-        raise ConfigError("state.codec", f"{config.state.codec!r} has learned parts the trainer does not publish yet")
-    replica = Replica(config, CodecStates(codec, StateMetrics(registry)))
+    def make_codec() -> StateCodec:
+        return codec_from_config(config.state.codec, config.model, **config.state.params)
+
+    states = CodecStates(make_codec(), StateMetrics(registry), make_codec=make_codec,
+                         generations_kept=config.state.codec_generations_kept,
+                         device=resolve_device(config.serving.device))
+    replica = Replica(config, states, on_codec_params=states.install)
     version = Gauge("liverec_serving_params_version", "Parameter version being served.", registry=registry)
     ready = Gauge("liverec_serving_ready", "1 when caught up and serving.", registry=registry)
     lag = Gauge("liverec_serving_params_version_lag", "Changelog records not yet applied (params + state).",

@@ -9,10 +9,16 @@ Parameters: a commit record completes a version (see params.proto); the committe
 weights and the params offset are persisted together, then the snapshot is rebuilt and swapped
 in with one assignment. User state: the latest record per user is kept; decoding happens per
 request, so a corrupt record costs one miss, never the replica.
+
+A learned codec's parameters of each committed version go to `on_codec_params` (the state
+decoder keeps the recent ones, see states.py) and are persisted under `meta` keys `codec/<version>`,
+the newest `state.codec_generations_kept` of them, so a restarted replica decodes the same
+records as before.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 StateDecoder = Callable[[list[bytes | None], ModelSnapshot], list[UserState | None]]
 
 _CF_STATE, _CF_ROWS, _CF_META = "state", "rows", "meta"
+_CODEC_PREFIX = b"codec/"
+CodecParamsSink = Callable[[int, dict[str, torch.Tensor]], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,11 +59,17 @@ def _offset_key(topic: str, partition: int) -> bytes:
     return f"offset/{topic}/{partition}".encode()
 
 
+def _codec_key(version: int) -> bytes:
+    return _CODEC_PREFIX + f"{version:020d}".encode()
+
+
 class Replica:
-    def __init__(self, config: LiverecConfig, decode_states: StateDecoder) -> None:
+    def __init__(self, config: LiverecConfig, decode_states: StateDecoder,
+                 on_codec_params: CodecParamsSink | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.serving.device)
         self.decode_states = decode_states
+        self.on_codec_params = on_codec_params
         path = Path(config.serving.state_dir) / "replica"
         path.parent.mkdir(parents=True, exist_ok=True)
         options = Options(raw_mode=True)
@@ -98,8 +112,22 @@ class Replica:
         raw = self._meta.get(_offset_key(topic, partition))
         return None if raw is None else int(raw)
 
+    def _stored_codec_versions(self) -> list[int]:
+        it = self._meta.iter()
+        it.seek(_CODEC_PREFIX)
+        versions = []
+        while it.valid() and it.key().startswith(_CODEC_PREFIX):
+            versions.append(int(it.key()[len(_CODEC_PREFIX):]))
+            it.next()
+        return versions
+
     def _load_committed(self) -> None:
-        """Rebuild the last committed parameter version from RocksDB (after a restart)."""
+        """Rebuild the last committed parameter version (and the kept codec parameters of earlier
+        ones) from RocksDB (after a restart)."""
+        if self.on_codec_params is not None:
+            for version in self._stored_codec_versions():
+                state = torch.load(io.BytesIO(self._meta[_codec_key(version)]), map_location="cpu", weights_only=True)
+                self.on_codec_params(version, state)
         commit_raw = self._meta.get(b"commit")
         dense = self._meta.get(b"dense")
         if commit_raw is None or dense is None:
@@ -117,6 +145,8 @@ class Replica:
     def _install(self, version: ParamsVersion | None) -> None:
         if version is None:
             return
+        if version.codec_state and self.on_codec_params is not None:
+            self.on_codec_params(version.version, version.codec_state)
         snapshot = ModelSnapshot.build(version, self.device)
         self._snapshot = snapshot
         if self.on_snapshot is not None:
@@ -192,10 +222,23 @@ class Replica:
             meta = self._db.get_column_family_handle(_CF_META)
             batch.put(b"dense", self.materializer.dense_blob, meta)
             batch.put(b"commit", rec.value, meta)
+            if version.codec_state:
+                self._put_codec_params(batch, version.version, version.codec_state)
             batch.put(_offset_key(rec.topic, rec.partition), str(rec.offset + 1).encode(), meta)
             self._db.write(batch)
             pending_rows.clear()
             self._install(version)
+
+    def _put_codec_params(self, batch: WriteBatch, version: int, state: dict[str, torch.Tensor]) -> None:
+        """Persist one version's codec parameters and drop those beyond the kept generations."""
+        meta = self._db.get_column_family_handle(_CF_META)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        batch.put(_codec_key(version), buffer.getvalue(), meta)
+        kept = self.config.state.codec_generations_kept
+        stored = sorted({*self._stored_codec_versions(), version})
+        for old in stored[:-kept]:
+            batch.delete(_codec_key(old), meta)
 
     def _apply_states(self, tp: TopicPartition, records: list) -> None:
         batch = WriteBatch(raw_mode=True)

@@ -3,6 +3,14 @@
 A replica stores, per user, the record the trainer published plus the `seen` item ids from its
 Kafka header (`pack`). A record that fails its checksum or that this replica's codec cannot
 decode is a miss (the user is answered as cold start) and a metric, never an error to the caller.
+
+Learned codecs. The trainer encodes states with the codec parameters of a published version and
+names it in the record (`params_version`). A codec whose decode reads its parameters
+(`collective`: the pool) must decode with exactly those, so this keeps the parameters of the
+last `generations_kept` versions (`install`, called for every committed version) and decodes
+each record with its own; a record of a version no longer (or not yet) held is a miss counted
+as `unknown_params` until the trainer's background re-encode replaces it. `summary` payloads
+are plain K/V rows and decode with no parameters, whatever version wrote them.
 """
 
 from __future__ import annotations
@@ -10,12 +18,15 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
+import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from liverec.model.codecs.base import StateCodec
-from liverec.model.codecs.record import CorruptRecord, RecordError, decode_record
+from liverec.model.codecs.record import CorruptRecord, RecordError, StateRecord, decode_record
 from liverec.model.encoder import KVCache
 from liverec.serving.backend import ModelSnapshot, UserState
 
@@ -44,16 +55,45 @@ class StateMetrics:
 
 
 class CodecStates:
-    """The replica's StateDecoder for one codec."""
+    """The replica's StateDecoder for one codec (and, for a learned one, its recent parameters)."""
 
-    def __init__(self, codec: StateCodec, metrics: StateMetrics) -> None:
+    def __init__(self, codec: StateCodec, metrics: StateMetrics, *,
+                 make_codec: Callable[[], StateCodec] | None = None, generations_kept: int = 16,
+                 device: torch.device | str = "cpu") -> None:
         self.codec = codec
         self.metrics = metrics
+        self.make_codec = make_codec
+        self.generations_kept = generations_kept
+        self.device = torch.device(device)
+        self._generations: OrderedDict[int, StateCodec] = OrderedDict()
+
+    def install(self, version: int, codec_state: dict[str, torch.Tensor]) -> None:
+        """Hold the codec parameters published with model `version` (oldest dropped beyond
+        `generations_kept`); only codecs whose decode reads them keep any."""
+        if not self.codec.decode_needs_params or not codec_state or version in self._generations:
+            return
+        if self.make_codec is None:
+            raise ValueError(f"codec {self.codec.codec_id!r} decodes with its parameters: give CodecStates make_codec")
+        codec = self.make_codec()
+        module = codec.module
+        assert module is not None
+        module.load_state_dict(codec_state)
+        module.to(self.device).eval()
+        self._generations[version] = codec
+        while len(self._generations) > self.generations_kept:
+            self._generations.popitem(last=False)
+
+    def generations(self) -> list[int]:
+        return list(self._generations)
+
+    def _codec_for(self, record: StateRecord) -> StateCodec | None:
+        if not self.codec.decode_needs_params:
+            return self.codec
+        return self._generations.get(record.params_version)
 
     def __call__(self, values: list[bytes | None], snapshot: ModelSnapshot) -> list[UserState | None]:
         out: list[UserState | None] = [None] * len(values)
-        good: list[tuple[int, np.ndarray, int, int]] = []
-        payloads: list[bytes] = []
+        groups: dict[int, tuple[StateCodec, list[tuple[int, np.ndarray, StateRecord]]]] = {}
         for i, value in enumerate(values):
             if value is None:
                 self.metrics.lookups.labels(result="miss").inc()
@@ -69,16 +109,18 @@ class CodecStates:
                 self.metrics.lookups.labels(result="unsupported").inc()
                 log.warning("undecodable state record", extra={"error": str(exc)})
                 continue
-            good.append((i, seen, record.last_offset, record.last_event_time_ms))
-            payloads.append(record.payload)
-        if not payloads:
-            return out
-        cache = self.codec.decode(payloads, snapshot.device)
+            codec = self._codec_for(record)
+            if codec is None:
+                self.metrics.lookups.labels(result="unknown_params").inc()
+                continue
+            groups.setdefault(id(codec), (codec, []))[1].append((i, seen, record))
         now = time.time()
-        for row, (i, seen, offset, time_ms) in enumerate(good):
-            one = KVCache([(k[row:row + 1], v[row:row + 1]) for k, v in cache.layers], cache.valid[row:row + 1],
-                          cache.next_pos[row:row + 1])
-            out[i] = UserState(one, seen, offset, time_ms, batch=cache, row=row)
-            self.metrics.lookups.labels(result="hit").inc()
-            self.metrics.staleness.observe(max(0.0, now - time_ms / 1000))
+        for codec, members in groups.values():
+            cache = codec.decode([record.payload for _, _, record in members], snapshot.device)
+            for row, (i, seen, record) in enumerate(members):
+                one = KVCache([(k[row:row + 1], v[row:row + 1]) for k, v in cache.layers], cache.valid[row:row + 1],
+                              cache.next_pos[row:row + 1])
+                out[i] = UserState(one, seen, record.last_offset, record.last_event_time_ms)
+                self.metrics.lookups.labels(result="hit").inc()
+                self.metrics.staleness.observe(max(0.0, now - record.last_event_time_ms / 1000))
         return out
