@@ -185,5 +185,6 @@ def test_metrics_endpoint_exports_the_trainer_series(config, ml100k, tmp_path) -
                  "liverec_trainer_batch_seconds_bucket", "liverec_trainer_loss", "liverec_trainer_prequential_hr10",
                  "liverec_trainer_prequential_ndcg10", 'liverec_store_stat{stat="rows",table="item"}',
                  "liverec_trainer_checkpoint_seconds_count", "liverec_trainer_checkpoint_age_seconds",
-                 'liverec_trainer_consumer_lag{partition="0"}'):
+                 'liverec_trainer_consumer_lag{partition="0"}', "liverec_trainer_state_versions_behind",
+                 "liverec_trainer_state_reencoded_total", "liverec_trainer_state_appends_total"):
         assert name in body, name
