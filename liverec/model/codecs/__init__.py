@@ -19,21 +19,23 @@ What a decoded cache holds (`model.user_hidden` and `model.ranking_scores` read 
 Keys are always stored or rebuilt rotated (RoPE), so attention reads them as the encoder wrote
 them; `next_pos` is where the query token and the candidates sit.
 
-Trainer integration, per micro-batch and touched user:
-- incremental codecs (`full`, `int8`, `window`, `collective`): decode the stored payloads (or use
-  the trainer's own cache), `model.encoder.extend(cache, emb, actions, valid, capacity=...)` in
-  eval mode under no_grad, then `codec.append(payloads, last_events(extended, valid.sum(1)))`;
-  the extension must keep every new event (capacity >= new events). Appending to a lossy
-  decode computes the new K/V over the approximated history; re-encode from the raw history
-  in the background to bound that drift. Give `full` `capacity=max_len` to keep exactly what
-  the trainer's cache keeps.
-- recompute codecs (`pages`, `summary`): `codec.encode(model.encode(history...), model)`.
-- write `record_for(codec, payload, model_version, last_offset, last_time_ms)`.
-- learned codecs (`codec.module` is not None): add `codec.auxiliary_loss(model, cache, item_rows)`
-  to the loss, step the module's parameters with the dense ones, checkpoint and publish its
-  state_dict with the dense weights (it is part of the model version); `collective` starts with
-  `codec.collective.init_from(caches)` once. A payload is decoded with the codec parameters of
-  the model version in its record.
+Trainer integration, per micro-batch and touched user (liverec/trainer/state.py, worker.py):
+- incremental codecs without learned parts (`full`, `int8`, `window`): decode the stored payload,
+  `model.encoder.extend(cache, emb, actions, valid, capacity=max_len)` in eval mode under
+  no_grad, then `codec.append(payloads, last_events(extended, valid.sum(1)))` - only onto a
+  state that holds the user's whole history before the batch and is recent enough in model
+  version (`state.append_max_versions_behind`); appending to a lossy decode (`int8`) computes the
+  new K/V over the approximated history. Otherwise:
+- recompute: `codec.encode(model.encode(history...), model)`.
+- write `record_for(codec, payload, model_version, last_offset, last_time_ms, params_version)`.
+- learned codecs (`codec.module` is not None; liverec/trainer/codec_training.py): after the
+  learner step, one step of `codec.auxiliary_loss(model, cache, item_rows)` on the refresh's
+  caches with the model frozen, its own Adam; checkpointed, and published with the dense weights
+  (keys under `PARAMS_PREFIX`, part of the model version). States are encoded with the
+  parameters of the last published version, named in the record (`params_version`);
+  `collective` starts with `codec.collective.init_from(caches)` once, before encoding anything.
+  A payload of a codec with `decode_needs_params` is decoded with the parameters of the version
+  in its record (serving keeps the last few versions, liverec/serving/states.py).
 Serving: `decode_record(data, codec)`; `CorruptRecord` (incl. `ChecksumMismatch`) is a miss plus a
 metric; `UnsupportedVersion` is a miss plus a metric and a log line (a deployment mismatch).
 """

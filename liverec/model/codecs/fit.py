@@ -1,8 +1,8 @@
 """Standalone fitting of a learned codec against a frozen model (benchmarks, offline refits).
 
-The trainer instead adds `codec.auxiliary_loss(model, cache, item_rows)` to its loss each step
-and steps the codec's parameters with the dense ones; this routine is that loop with the model
-frozen, so a codec can be fitted after the fact to a given model version.
+The trainer instead takes one step of `codec.auxiliary_loss(model, cache, item_rows)` after each
+micro-batch (liverec/trainer/codec_training.py); this routine is that loop with the model frozen
+over a fixed set of caches, so a codec can be fitted after the fact to a given model version.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ mixtures of rotated keys (no single position), with the user's true `next_pos`.
 
 Not incremental: the queries sit at the next position, which moves with every event and
 changes every pooling weight; the trainer re-encodes from the user's cache. The tokens are
-trained by distillation (`auxiliary_loss`), with the model or after it (`fit_summary`).
+trained by distillation (`auxiliary_loss`), online with the model or after it (`fit_codec`).
+Decoding reads no parameters (the payload holds plain K/V rows), so a summary state decodes
+whatever parameter version encoded it.
 """
 
 from __future__ import annotations
