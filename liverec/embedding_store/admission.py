@@ -3,22 +3,29 @@
 Why a sketch: most feature ids in a recommender stream are seen once or twice. Giving each a row
 (dim weights + optimizer state) wastes memory on ids that never get trained enough to matter;
 counting them exactly would cost a dict entry each. A count-min sketch counts them in a fixed
-`depth x width` array of int32 counters, whatever the number of distinct keys.
+`depth x width` array of counters, whatever the number of distinct keys.
 
 Error bound (Cormode & Muthukrishnan, 2005): with `width = ceil(e / epsilon)` (rounded up here to a
 power of two, which only tightens it) and `depth = ceil(ln(1 / delta))`, after N additions in
 total, every estimate satisfies
 
-    true count  <=  estimate  <=  true count + epsilon * N     with probability >= 1 - delta
+    min(true count, 255)  <=  estimate  <=  true count + epsilon * N     with probability >= 1 - delta
 
-(per key, over the choice of hash functions). The estimate never undercounts, so a key is never
-admitted late; it may be admitted early, by at most epsilon * N occurrences, with probability at
-most delta. The proof assumes pairwise-independent row hashes; here row i uses h1 + i * h2 from
-one splitmix64 hash (double hashing), so tests/embedding_store/test_store_admission.py checks
-the bound empirically. Note N grows with the stream: the absolute slack epsilon * N does too, so
-size epsilon for the number of occurrences of not-yet-admitted keys the table will see.
+(per key, over the choice of hash functions). The estimate never undercounts a count below the
+counters' cap, so a key is never admitted late; it may be admitted early, by at most epsilon * N
+occurrences, with probability at most delta. The proof assumes pairwise-independent row hashes;
+here row i uses h1 + i * h2 from one splitmix64 hash (double hashing), so
+tests/embedding_store/test_store_admission.py checks the bound empirically. Note N grows with the
+stream: the absolute slack epsilon * N does too, so size epsilon for the number of occurrences of
+not-yet-admitted keys the table will see between restarts (the sketch is the table's admission
+budget, not a per-row cost: its bytes do not grow with rows).
 
-Counters saturate at 2**30 (far above any admission threshold) so they never overflow int32.
+Counters are uint8 and saturate at COUNTER_CAP = 255: admission only asks whether an estimate
+reached `min_count` (at most 255, see config.py), and min(x, 255) >= m exactly when x >= m for
+m <= 255, so saturation never changes an admission decision, at a quarter of int32's bytes.
+(A default table, epsilon 1e-5 and delta 0.01: 5 x 2**18 counters, 1.3 MB.) `estimate` of a key
+seen more than 255 times says 255; the table only asks the sketch about keys without a row.
+Updates are exact saturating sums: a batch's increments are summed per cell in int32 first.
 A key's counts stay in the sketch after it is admitted: if its row later expires, it is
 re-admitted on its next lookup, which is what a once-frequent id deserves.
 """
@@ -31,7 +38,8 @@ import torch
 
 from liverec.embedding_store.hashing import derive_seed, shift_right_logical, splitmix64
 
-COUNTER_CAP = 2**30
+COUNTER_CAP = 255
+COUNTER_DTYPE = torch.uint8
 
 
 class CountMinSketch:
@@ -47,7 +55,7 @@ class CountMinSketch:
         self.width = 1 << (math.ceil(math.e / epsilon) - 1).bit_length()
         self.depth = math.ceil(math.log(1.0 / delta))
         self.device = torch.device(device)
-        self.counters = torch.zeros(self.depth * self.width, dtype=torch.int32, device=self.device)
+        self.counters = torch.zeros(self.depth * self.width, dtype=COUNTER_DTYPE, device=self.device)
         self._seed = derive_seed(seed, "count-min")
         self._row_numbers = torch.arange(self.depth, dtype=torch.int64, device=self.device).unsqueeze(1)
         self._row_offsets = self._row_numbers * self.width
@@ -71,18 +79,17 @@ class CountMinSketch:
         each key's estimate. The caller that has already deduplicated passes the counts, which
         touches depth cells per distinct key instead of per occurrence."""
         added = keys.numel() if counts is None else int(counts.sum())
-        if added > COUNTER_CAP:
-            raise ValueError(f"adding {added} counts at once could overflow int32 counters")
         cells = self._cells(keys).flatten()
         increments = (
             torch.ones_like(cells, dtype=torch.int32) if counts is None
-            else counts.to(torch.int32).expand(self.depth, -1).flatten()
+            else counts.to(torch.int32).clamp_max(COUNTER_CAP).expand(self.depth, -1).flatten()
         )
-        self.counters.index_add_(0, cells, increments)
-        estimates = self.counters.index_select(0, cells).clamp_max_(COUNTER_CAP)
-        self.counters.index_copy_(0, cells, estimates)  # a cell's duplicates all carry its one value
+        touched, inverse = torch.unique(cells, return_inverse=True)
+        summed = torch.zeros(touched.numel(), dtype=torch.int32, device=self.device).index_add_(0, inverse, increments)
+        updated = summed.add_(self.counters.index_select(0, touched)).clamp_max_(COUNTER_CAP)
+        self.counters.index_copy_(0, touched, updated.to(COUNTER_DTYPE))
         self.total += added
-        return estimates.view(self.depth, -1).amin(dim=0).long()
+        return updated.index_select(0, inverse).view(self.depth, -1).amin(dim=0).long()
 
     def estimate(self, keys: torch.Tensor) -> torch.Tensor:
         """Estimated count of each key (never below its true count)."""
@@ -91,6 +98,8 @@ class CountMinSketch:
 
     def load_state(self, counters: torch.Tensor, total: int) -> None:
         """Restore counters saved from a sketch of the same epsilon and delta."""
+        if counters.dtype != COUNTER_DTYPE:
+            raise ValueError(f"sketch counters are {counters.dtype}, expected {COUNTER_DTYPE}")
         if counters.shape != self.counters.shape:
             raise ValueError(f"sketch counters have shape {tuple(counters.shape)}, expected {tuple(self.counters.shape)}")
         self.counters.copy_(counters)

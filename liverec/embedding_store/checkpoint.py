@@ -41,13 +41,15 @@ from liverec.embedding_store.config import DTYPES, TableConfig
 from liverec.embedding_store.store import EmbeddingStore
 from liverec.embedding_store.table import Table
 
-FORMAT = 1
+# Format 2: last_update is int32 seconds from table.TIME_BASE_S (format 1: int64 seconds) and
+# the sketch counters are uint8 (format 1: int32). Format 1 checkpoints are refused.
+FORMAT = 2
 MANIFEST = "manifest.json"
 DATA = "data.bin"
 _ALIGN = 64
 _NAME = re.compile(r"^(\d{8})-(full|incremental)$")
 _CHUNK_BYTES = 64 << 20
-_DTYPES_BY_NAME = {**DTYPES, "int64": torch.int64, "int32": torch.int32}
+_DTYPES_BY_NAME = {**DTYPES, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES_BY_NAME.items()}
 
 
@@ -310,7 +312,8 @@ def _load_manifest(path: Path) -> Checkpoint:
     if not intact:
         raise CheckpointError(f"{path}: manifest does not match its own sha256 (corrupt)")
     if body.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {body.get('format')!r}, this code reads {FORMAT}")
+        raise CheckpointError(f"{path}: checkpoint format {body.get('format')!r}, this code reads only format {FORMAT} "
+                              "(format 1 stored int64 update times and int32 sketch counters; no conversion)")
     if body.get("seq") != int(match.group(1)) or body.get("kind") != match.group(2):
         raise CheckpointError(f"{path}: manifest says {body.get('seq')}-{body.get('kind')}, the name disagrees")
     return Checkpoint(path, body)

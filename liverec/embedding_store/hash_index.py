@@ -1,11 +1,17 @@
 """A collisionless key -> row index: open addressing over the batched kernels, plus row allocation.
 
-The slot arrays live on the index's device and are only ever touched by the kernel module for
-that device (`kernels_for`), so this class is device-agnostic. Two distinct keys never share a
-row: a key gets a row only through `insert`, which takes rows from the free list, and a row
-returns to the free list only when `erase` removed its key.
+Layout (see `kernels/__init__.py`): `slots`, an int32 array of a power-of-two capacity holding
+row ids, and `row_keys`, the key of each row (EMPTY_KEY for a free row). The index owns
+`row_keys` because probing compares against it; the table reads it as its row -> key column. So
+the index proper costs 4 bytes per slot, 4 / load bytes per key, plus the 8-byte key per row
+that the table needs anyway.
 
-Row allocation is deliberately outside the kernels and deterministic: new keys are inserted in
+The arrays live on the index's device and are only ever touched by the kernel module for that
+device (`kernels_for`), so this class is device-agnostic. Two distinct keys never share a row:
+a key gets a row only through `insert` / `find_or_insert`, which take rows from the free list,
+and a row returns to the free list only when `erase` removed its key.
+
+Row allocation is deliberately outside the probing and deterministic: new keys are inserted in
 sorted order and take the lowest free rows first (then rows above the high-water mark). The
 free rows are therefore always exactly the rows below the high-water mark that hold no key,
 which is why a checkpoint only has to store (key, row) pairs and the high-water mark, and why
@@ -15,14 +21,22 @@ Growth: before an insert, if live keys plus tombstones plus the new keys would p
 the index rehashes into a larger power of two (or the same size, if tombstones were the
 problem). Tombstones are counted conservatively (an insert may silently reuse one, the kernel
 contract does not report it), so a rehash can come a little early but never late: a probe
-always ends at an EMPTY slot.
+always ends at an EMPTY slot. `row_keys` grows by a quarter (or to what is needed) when rows
+run out, the same policy as the table's other per-row columns (`grown_rows`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from liverec.embedding_store.kernels import EMPTY_KEY, TOMBSTONE_KEY, kernels_for
+from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, SLOT_DTYPE, TOMBSTONE_KEY, kernels_for
+
+
+def grown_rows(current: int, needed: int) -> int:
+    """Row capacity after growing from `current` to hold `needed` rows: a quarter more at least,
+    so copies stay amortised (each row is copied about four times over the table's growth)
+    while the unused tail stays small."""
+    return max(needed, current + max(current // 4, 1))
 
 
 def check_keys(keys: torch.Tensor, device: torch.device) -> None:
@@ -48,7 +62,8 @@ def _power_of_two_at_least(n: int) -> int:
 class HashIndex:
     """Batched map from int64 keys to int64 rows, with a deterministic row allocator."""
 
-    def __init__(self, capacity: int = 1024, *, max_load: float = 0.5, device: torch.device | str = "cpu") -> None:
+    def __init__(self, capacity: int = 1024, *, max_load: float = 0.75, rows: int = 0,
+                 device: torch.device | str = "cpu") -> None:
         if not 0.0 < max_load < 1.0:
             raise ValueError(f"max_load must be in (0, 1), got {max_load}")
         if capacity < 1:
@@ -62,16 +77,16 @@ class HashIndex:
         self._tombstones = 0
         self._high_water = 0
         self._free = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.row_keys = torch.full((max(rows, 0),), EMPTY_KEY, dtype=torch.int64, device=self.device)
         self._alloc_slots(_power_of_two_at_least(capacity))
 
     def _alloc_slots(self, capacity: int) -> None:
-        self.slot_keys = torch.full((capacity,), EMPTY_KEY, dtype=torch.int64, device=self.device)
-        self.slot_vals = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        self.slots = torch.full((capacity,), EMPTY_SLOT, dtype=SLOT_DTYPE, device=self.device)
 
     @property
     def capacity(self) -> int:
         """Number of slots (a power of two)."""
-        return self.slot_keys.numel()
+        return self.slots.numel()
 
     @property
     def high_water(self) -> int:
@@ -85,16 +100,29 @@ class HashIndex:
 
     @property
     def nbytes(self) -> int:
-        """Memory held: both slot arrays and the free list."""
-        return (self.slot_keys.numel() + self.slot_vals.numel() + self._free.numel()) * 8
+        """Memory of the index proper: the slots and the free list (row_keys is per-row metadata)."""
+        return self.slots.numel() * self.slots.element_size() + self._free.numel() * 8
+
+    @property
+    def row_keys_nbytes(self) -> int:
+        return self.row_keys.numel() * 8
 
     def __len__(self) -> int:
         return self._live
 
+    def reserve_rows(self, rows: int) -> None:
+        """Make row_keys hold at least `rows` rows (new rows free)."""
+        if rows <= self.row_keys.numel():
+            return
+        grown = torch.full((grown_rows(self.row_keys.numel(), rows),), EMPTY_KEY, dtype=torch.int64,
+                           device=self.device)
+        grown[: self.row_keys.numel()] = self.row_keys
+        self.row_keys = grown
+
     def find(self, keys: torch.Tensor) -> torch.Tensor:
         """Row of each key, -1 where absent."""
         check_keys(keys, self.device)
-        return self._kernels.find(self.slot_keys, self.slot_vals, keys)
+        return self._kernels.find(self.slots, self.row_keys, keys)
 
     def insert(self, keys: torch.Tensor) -> torch.Tensor:
         """Give each of `keys` (sorted, unique, absent) a row, in order; returns those rows."""
@@ -103,54 +131,62 @@ class HashIndex:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
             raise ValueError("insert takes sorted unique keys (deduplicate misses with torch.unique)")
-        if bool((self._kernels.find(self.slot_keys, self.slot_vals, keys) >= 0).any()):
+        if bool((self._kernels.find(self.slots, self.row_keys, keys) >= 0).any()):
             raise ValueError("insert takes absent keys only; a present key would get a second row")
         self._reserve(keys.numel())
         rows = self._allocate(keys.numel())
-        self._kernels.insert(self.slot_keys, self.slot_vals, keys, rows)
-        self._live += keys.numel()
+        self._kernels.insert(self.slots, self.row_keys, keys, rows)
         return rows
 
     def find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Row of each key, inserting the absent ones (deduplicated, sorted, rows in that order).
 
-        Returns (rows per key, the new keys, their rows).
+        Returns (rows per key, the new keys, their rows). One kernel call (the fused path on
+        CUDA) when the whole batch would fit without a rehash; otherwise find first, so the
+        table grows for the real number of new keys only.
         """
+        check_keys(keys, self.device)
+        if self._live + self._tombstones + keys.numel() <= self.max_load * self.capacity:
+            self.reserve_rows(self._high_water + keys.numel())
+            rows, new_keys, new_rows = self._kernels.find_or_insert(
+                self.slots, self.row_keys, keys, self._free, self._high_water)
+            self._took(new_rows.numel())
+            return rows, new_keys, new_rows
         rows = self.find(keys)
         missing = rows < 0
-        new_keys = torch.unique(keys[missing])
+        new_keys, inverse = torch.unique(keys[missing], return_inverse=True)
         new_rows = self.insert(new_keys)
-        if new_keys.numel():
-            rows[missing] = new_rows[torch.searchsorted(new_keys, keys[missing])]
+        rows[missing] = new_rows[inverse]
         return rows, new_keys, new_rows
 
     def erase(self, keys: torch.Tensor) -> torch.Tensor:
         """Remove each key (duplicates allowed); returns its freed row, -1 where it was absent."""
         check_keys(keys, self.device)
         unique_keys, inverse = torch.unique(keys, return_inverse=True)
-        freed = self._kernels.erase(self.slot_keys, self.slot_vals, unique_keys)
+        freed = self._kernels.erase(self.slots, self.row_keys, unique_keys)
         released = freed[freed >= 0]
         self._live -= released.numel()
         self._tombstones += released.numel()
         self._release(released)
         return freed[inverse]
 
+    def live_rows(self) -> torch.Tensor:
+        """Rows holding a key, ascending."""
+        return torch.nonzero(self.row_keys[: self._high_water] != EMPTY_KEY).flatten()
+
     def items(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All (keys, rows), ordered by row."""
-        held = self.slot_keys > TOMBSTONE_KEY
-        keys, rows = self.slot_keys[held], self.slot_vals[held]
-        order = torch.argsort(rows)
-        return keys[order], rows[order]
+        rows = self.live_rows()
+        return self.row_keys[rows], rows
 
     def rehash(self, capacity: int) -> None:
         """Move every key into a fresh table of `capacity` slots (tombstones dropped; rows kept)."""
         capacity = _power_of_two_at_least(capacity)
         if self._live > self.max_load * capacity:
             raise ValueError(f"{self._live} keys do not fit {capacity} slots at max_load {self.max_load}")
-        held = self.slot_keys > TOMBSTONE_KEY
-        keys, rows = self.slot_keys[held], self.slot_vals[held]
+        keys, rows = self.items()
         self._alloc_slots(capacity)
-        self._kernels.insert(self.slot_keys, self.slot_vals, keys, rows)
+        self._kernels.insert(self.slots, self.row_keys, keys, rows)
         self._tombstones = 0
 
     def _reserve(self, incoming: int) -> None:
@@ -165,10 +201,17 @@ class HashIndex:
     def _allocate(self, n: int) -> torch.Tensor:
         """The n lowest free rows, then fresh rows from the high-water mark."""
         reused = self._free[:n]
-        self._free = self._free[reused.numel():]
         fresh = torch.arange(self._high_water, self._high_water + n - reused.numel(), device=self.device)
-        self._high_water += fresh.numel()
+        self.reserve_rows(self._high_water + fresh.numel())
+        self._took(n)
         return torch.cat([reused, fresh])
+
+    def _took(self, n: int) -> None:
+        """Book n new keys that took the n lowest free rows, then fresh rows."""
+        reused = min(n, self._free.numel())
+        self._free = self._free[reused:]
+        self._high_water += n - reused
+        self._live += n
 
     def _release(self, rows: torch.Tensor) -> None:
         if rows.numel():
@@ -177,11 +220,11 @@ class HashIndex:
     @classmethod
     def from_items(
         cls, keys: torch.Tensor, rows: torch.Tensor, *, high_water: int, capacity: int, max_load: float,
-        device: torch.device | str,
+        device: torch.device | str, row_capacity: int = 0,
     ) -> HashIndex:
         """Rebuild an index holding exactly these (key, row) pairs; free rows are the rest below
         `high_water`, so later inserts allocate exactly as the original index would have."""
-        index = cls(capacity, max_load=max_load, device=device)
+        index = cls(capacity, max_load=max_load, rows=max(high_water, row_capacity), device=device)
         check_keys(keys, index.device)
         if keys.numel() != rows.numel():
             raise ValueError(f"{keys.numel()} keys but {rows.numel()} rows")
@@ -191,10 +234,8 @@ class HashIndex:
             raise ValueError("keys and rows must each be unique: two keys never share a row")
         while keys.numel() > index.max_load * index.capacity:
             index._alloc_slots(index.capacity * 2)
-        index._kernels.insert(index.slot_keys, index.slot_vals, keys, rows)
+        index._kernels.insert(index.slots, index.row_keys, keys, rows)
         index._live = keys.numel()
         index._high_water = high_water
-        used = torch.zeros(high_water, dtype=torch.bool, device=index.device)
-        used[rows] = True
-        index._free = torch.nonzero(~used).flatten()
+        index._free = torch.nonzero(index.row_keys[:high_water] == EMPTY_KEY).flatten()
         return index

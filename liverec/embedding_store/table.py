@@ -1,10 +1,18 @@
 """One embedding table: a hash index from keys to rows, and dense per-row tensors.
 
 Everything per row lives in a dense tensor indexed by row: the weights, the optimizer state, the
-row's key, the event time of its last update, its count and its dirty flags. A batch operation is
-therefore a handful of gathers and scatters over row indices, on whatever device the table is on.
-Per row that is 20 bytes of metadata (key 8, last update 8, count 4) plus 1 byte per active
-change log, beyond weights and optimizer state; the hash index adds 16 / load bytes.
+row's key (held by the index, which probes against it), the event time of its last update, its
+count and its dirty flags. A batch operation is therefore a handful of gathers and scatters over
+row indices, on whatever device the table is on.
+
+Bytes per row beyond weights and optimizer state (what `stats()` reports, by component):
+- metadata, 16 per allocated row: key (int64, 8), last update (int32 seconds from TIME_BASE_S,
+  4), count (int32, saturating at 2**30, 4); plus 1 per active change log (dirty flags);
+- index, 4 per slot: int32 row ids at load <= max_load (default 0.75), so 4 / load per key
+  (5.3 at 0.75, 10.7 right after a doubling); plus 8 per free row (the free list);
+- admission sketch, fixed: depth x width uint8 counters (see admission.py), shared by all rows.
+Per-row tensors grow by a quarter at a time (`grown_rows`), so at most a fifth of the allocated
+rows are an unused tail.
 
 Train lookups follow the Monolith lifecycle:
 
@@ -31,12 +39,17 @@ from liverec.embedding_store import optimizers
 from liverec.embedding_store.admission import CountMinSketch
 from liverec.embedding_store.config import TableConfig
 from liverec.embedding_store.dirty import ChangeLog
-from liverec.embedding_store.hash_index import HashIndex, check_keys
+from liverec.embedding_store.hash_index import HashIndex, check_keys, grown_rows
 from liverec.embedding_store.hashing import derive_seed
 from liverec.embedding_store.initializer import initial_rows
 from liverec.embedding_store.kernels import EMPTY_KEY
 
 COUNT_CAP = 2**30
+# Last-update times are stored as int32 seconds from this base (2023-11-14T22:13:20Z): event
+# times from 1955 to 2091 fit, at half the bytes of an int64.
+TIME_BASE_S = 1_700_000_000
+_TIME_MIN_S = TIME_BASE_S - 2**31
+_TIME_MAX_S = TIME_BASE_S + 2**31 - 1
 COUNTERS = ("admitted", "filtered", "expired", "evicted", "rejected_gradients")
 
 
@@ -44,8 +57,10 @@ COUNTERS = ("admitted", "filtered", "expired", "evicted", "rejected_gradients")
 class TableStats:
     """What a table holds and what it has done; the trainer exports these as metrics.
 
-    bytes_overhead is everything beyond weights and optimizer state: the hash index slots, the
-    per-row metadata (key, last update, count, dirty flags), the free list and the sketch.
+    bytes_overhead is everything beyond weights and optimizer state: the hash index slots and
+    free list, the per-row metadata (key, last update, count, dirty flags) and the sketch.
+    `*_per_row` divide by live rows (`rows`); `*_per_allocated_row` by `row_capacity`, the
+    denominator the weights themselves are allocated by.
     """
 
     rows: int
@@ -79,6 +94,10 @@ class TableStats:
     def metadata_bytes_per_row(self) -> float:
         return self.bytes_metadata / max(self.rows, 1)
 
+    @property
+    def overhead_bytes_per_allocated_row(self) -> float:
+        return self.bytes_overhead / max(self.row_capacity, 1)
+
 
 @dataclass(frozen=True)
 class TableDelta:
@@ -108,7 +127,7 @@ class Table:
         self.device = device
         self.init_seed = derive_seed(seed, config.name)
         slots = int(config.initial_capacity / config.max_load) + 1
-        self.index = HashIndex(slots, max_load=config.max_load, device=device)
+        self.index = HashIndex(slots, max_load=config.max_load, rows=config.initial_capacity, device=device)
         self.sketch = (
             CountMinSketch(config.sketch_epsilon, config.sketch_delta, seed=derive_seed(seed, config.name, "sketch"),
                            device=device)
@@ -117,8 +136,7 @@ class Table:
         rows = config.initial_capacity
         self.weights = torch.zeros(rows + 1, config.dim, dtype=config.torch_dtype, device=device)
         self.state = {name: optimizers.initial_state(config, name, rows, device) for name in optimizers.state_columns(config)}
-        self.keys_by_row = torch.full((rows,), EMPTY_KEY, dtype=torch.int64, device=device)
-        self.last_update = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.last_update = torch.zeros(rows, dtype=torch.int32, device=device)
         self.counts = torch.zeros(rows, dtype=torch.int32, device=device)
         self.logs: dict[str, ChangeLog] = {}
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -127,7 +145,16 @@ class Table:
 
     @property
     def row_capacity(self) -> int:
-        return self.keys_by_row.numel()
+        return self.counts.numel()
+
+    @property
+    def keys_by_row(self) -> torch.Tensor:
+        """The key of each row (EMPTY_KEY: free); the index's row_keys, at least row_capacity long."""
+        return self.index.row_keys
+
+    def last_update_s(self, rows: torch.Tensor) -> torch.Tensor:
+        """Event time (int64 seconds) of the last update of each row."""
+        return self.last_update.index_select(0, rows).long() + TIME_BASE_S
 
     def __len__(self) -> int:
         return len(self.index)
@@ -145,6 +172,7 @@ class Table:
         if now_s is None:
             raise ValueError("a train lookup needs now_s, the batch's event time in seconds")
         check_keys(keys, self.device)
+        _check_time(now_s)
         distinct, inverse, occurrences = torch.unique(keys, return_inverse=True, return_counts=True)
         distinct_rows = self.index.find(distinct)
         missing = distinct_rows < 0
@@ -211,8 +239,7 @@ class Table:
         self.weights.index_copy_(0, rows, initial_rows(self.config, self.init_seed, keys))
         for name, state in self.state.items():
             state.index_fill_(0, rows, optimizers.initial_value(self.config, name))
-        self.keys_by_row.index_copy_(0, rows, keys)
-        self.last_update.index_fill_(0, rows, now_s)
+        self.last_update.index_fill_(0, rows, now_s - TIME_BASE_S)
         self.counts.index_fill_(0, rows, 0)
         self._changed(rows)
 
@@ -222,7 +249,7 @@ class Table:
             return
         counts = (self.counts.index_select(0, rows) + occurrences).clamp_max_(COUNT_CAP)
         self.counts.index_copy_(0, rows, counts.to(torch.int32))
-        self.last_update.index_copy_(0, rows, self.last_update.index_select(0, rows).clamp_min_(now_s))
+        self.last_update.index_copy_(0, rows, self.last_update.index_select(0, rows).clamp_min_(now_s - TIME_BASE_S))
         self._changed(rows)
 
     # ----------------------------------------------------------------- updates
@@ -278,8 +305,10 @@ class Table:
         """Remove every unpinned row last updated before now_s - ttl_s; returns how many."""
         if self.config.ttl_s is None:
             return 0
+        _check_time(now_s)
         live = self._unpinned_live_mask()
-        stale = live & (self.last_update[: live.numel()] < int(now_s) - self.config.ttl_s)
+        cutoff = max(int(now_s) - self.config.ttl_s - TIME_BASE_S, -(2**31))
+        stale = live & (self.last_update[: live.numel()] < cutoff)
         rows = torch.nonzero(stale).flatten()
         self._remove(rows, "expired")
         return rows.numel()
@@ -321,7 +350,6 @@ class Table:
             return
         keys = self.keys_by_row[rows]
         self.index.erase(keys)
-        self.keys_by_row[rows] = EMPTY_KEY
         for log in self.logs.values():
             log.keys_removed(keys)
         self.counters[reason] += rows.numel()
@@ -360,7 +388,7 @@ class Table:
 
     def live_rows(self) -> torch.Tensor:
         """Rows holding a key, ascending."""
-        return torch.nonzero(self.keys_by_row != EMPTY_KEY).flatten()
+        return self.index.live_rows()
 
     def drop_keys(self, keys: torch.Tensor) -> None:
         """Restore step: forget these keys (their rows become free). The index is rebuilt later."""
@@ -371,6 +399,7 @@ class Table:
         another one). The index is rebuilt later, by `rebuild_index`."""
         if rows.numel():
             self._ensure_row_capacity(int(rows.max()) + 1)
+            self.index.reserve_rows(self.row_capacity)
         self.drop_keys(keys)
         self.keys_by_row[rows] = keys
         for name, tensor in self.columns().items():
@@ -380,35 +409,35 @@ class Table:
         """Restore step: rebuild the index from the restored keys (free rows: the rest below
         `high_water`, so later allocations match the saved table's)."""
         self._ensure_row_capacity(high_water)
-        rows = self.live_rows()
+        rows = torch.nonzero(self.keys_by_row != EMPTY_KEY).flatten()
         self.index = HashIndex.from_items(
             self.keys_by_row[rows], rows, high_water=high_water, capacity=slots,
-            max_load=self.config.max_load, device=self.device,
+            max_load=self.config.max_load, device=self.device, row_capacity=self.row_capacity,
         )
 
     # ----------------------------------------------------------------- storage
 
     def _ensure_row_capacity(self, rows: int) -> None:
-        """Grow every per-row tensor (doubling) so rows [0, rows) exist; contents kept.
+        """Grow every per-row tensor (by `grown_rows`) so rows [0, rows) exist; contents kept.
 
         New rows are left uninitialised (`_init_rows` writes all of a row before it is used)
-        except what free rows must hold: an EMPTY key, and the weights' trailing zero row."""
+        except what free rows must hold: the weights' trailing zero row. (Their keys, EMPTY, are
+        the index's.)"""
         if rows <= self.row_capacity:
             return
-        old, capacity = self.row_capacity, max(rows, 2 * self.row_capacity)
+        old, capacity = self.row_capacity, grown_rows(self.row_capacity, rows)
         self.weights = _grown(self.weights[:old], capacity + 1)
         self.weights[capacity].zero_()
         self.state = {name: _grown(state, capacity) for name, state in self.state.items()}
-        self.keys_by_row = _grown(self.keys_by_row, capacity)
-        self.keys_by_row[old:] = EMPTY_KEY
         self.last_update = _grown(self.last_update, capacity)
         self.counts = _grown(self.counts, capacity)
         for log in self.logs.values():
             log.grow(capacity)
 
     def stats(self) -> TableStats:
-        per_row = (self.keys_by_row, self.last_update, self.counts)
-        metadata = sum(t.numel() * t.element_size() for t in per_row) + sum(log.nbytes for log in self.logs.values())
+        per_row = (self.last_update, self.counts)
+        metadata = (self.index.row_keys_nbytes + sum(t.numel() * t.element_size() for t in per_row)
+                    + sum(log.nbytes for log in self.logs.values()))
         return TableStats(
             rows=len(self.index),
             capacity=self.index.capacity,
@@ -421,6 +450,11 @@ class Table:
             bytes_metadata=metadata,
             bytes_sketch=0 if self.sketch is None else self.sketch.nbytes,
         )
+
+
+def _check_time(now_s: int) -> None:
+    if not _TIME_MIN_S <= int(now_s) <= _TIME_MAX_S:
+        raise ValueError(f"event time {now_s} s is outside the stored range [{_TIME_MIN_S}, {_TIME_MAX_S}]")
 
 
 def _grown(tensor: torch.Tensor, rows: int) -> torch.Tensor:

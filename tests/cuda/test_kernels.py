@@ -2,8 +2,8 @@
 
 Where the CUDA side runs one key per launch (sequential), even the slot layout must equal the
 CPU's, which pins down hash, probing and tombstone reuse. Batched (concurrent) inserts may place
-keys differently, so there the key -> value mapping and each backend searching the other's table
-are compared.
+keys differently, so there the key -> row mapping and each backend searching the other's table
+are compared. A table is (slots: int32 row per slot, row_keys: int64 key per row).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import pytest
 import torch
 from hash_reference import RefIndex, home_slots
 
-from liverec.embedding_store.kernels import EMPTY_KEY, TOMBSTONE_KEY, cpu, cuda
+from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, TOMBSTONE_KEY, TOMBSTONE_SLOT, cpu, cuda
 
 INT64_MAX = 2**63 - 1
+ROWS = 1 << 16  # rows of every test table (row ids below this)
 
 
 def _random_keys(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -73,20 +74,26 @@ def _key_set(kind: str, rng: np.random.Generator, n: int, capacity: int) -> np.n
     return rng.permutation(_clustered_keys(n))[:n]
 
 
-def _empty_table(capacity: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.full((capacity,), EMPTY_KEY, dtype=torch.int64, device=device),
-            torch.full((capacity,), -1, dtype=torch.int64, device=device))
+def _empty_table(capacity: int, device: torch.device, rows: int = ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.full((capacity,), EMPTY_SLOT, dtype=torch.int32, device=device),
+            torch.full((rows,), EMPTY_KEY, dtype=torch.int64, device=device))
 
 
 def _t(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
 
 
-def _mapping(slot_keys: torch.Tensor, slot_vals: torch.Tensor) -> dict[int, int]:
-    keys, vals = slot_keys.cpu(), slot_vals.cpu()
-    live = keys > TOMBSTONE_KEY
-    assert torch.unique(keys[live]).numel() == int(live.sum()), "a key holds two slots"
-    return dict(zip(keys[live].tolist(), vals[live].tolist()))
+def _mapping(slots: torch.Tensor, row_keys: torch.Tensor) -> dict[int, int]:
+    """key -> row of a table, after checking it is consistent: every row a slot holds is held by
+    that slot only and has a key, every row with a key is held by a slot, no key twice."""
+    slots, row_keys = slots.cpu().long(), row_keys.cpu()
+    rows = slots[slots >= 0]
+    assert torch.unique(rows).numel() == rows.numel(), "a row is held by two slots"
+    keys = row_keys[rows]
+    assert bool((keys > TOMBSTONE_KEY).all()), "a slot holds a free row"
+    assert torch.unique(keys).numel() == keys.numel(), "a key holds two slots"
+    assert int((row_keys != EMPTY_KEY).sum()) == rows.numel(), "a row has a key but no slot"
+    return dict(zip(keys.tolist(), rows.tolist()))
 
 
 def _queries(rng: np.random.Generator, present: np.ndarray, absent: np.ndarray) -> np.ndarray:
@@ -116,9 +123,10 @@ def test_sequential_layout_equals_cpu(device: torch.device) -> None:
 
     fresh = _colliding_keys(np.random.default_rng(2), 100, capacity, 5)
     fresh = fresh[~np.isin(fresh, keys)]
-    for k in fresh:  # lands on tombstones left by the erase: reuse must match the CPU's
-        cuda.insert(gk, gv, _t([k], device), _t([k & 0xFFFF], device))
-    cpu.insert(ck, cv, _t(fresh, "cpu"), _t(fresh & 0xFFFF, "cpu"))
+    fresh_rows = 20_000 + np.arange(fresh.size, dtype=np.int64)
+    for k, r in zip(fresh, fresh_rows):  # lands on tombstones left by the erase: reuse must match the CPU's
+        cuda.insert(gk, gv, _t([k], device), _t([r], device))
+    cpu.insert(ck, cv, _t(fresh, "cpu"), _t(fresh_rows, "cpu"))
     assert torch.equal(gk.cpu(), ck) and torch.equal(gv.cpu(), cv)
 
 
@@ -158,7 +166,7 @@ def test_erase_and_tombstone_reuse_match_cpu(device: torch.device, small: int, k
     cuda.insert(gk, gv, _t(keys, device), _t(vals, device))
     cpu.insert(ck, cv, _t(keys, "cpu"), _t(vals, "cpu"))
 
-    empty_at_start, refilled = capacity - keys.size, 0
+    empty_at_start, refilled, next_row = capacity - keys.size, 0, keys.size
     for _ in range(3):  # erase and refill repeatedly, so tombstones pile up and get reused
         gone = rng.choice(keys, size=keys.size // 3, replace=False)
         absent = _random_keys(rng, 50)
@@ -167,18 +175,19 @@ def test_erase_and_tombstone_reuse_match_cpu(device: torch.device, small: int, k
         keys = keys[~np.isin(keys, gone)]
         new = _key_set(kind, rng, 4 * gone.size, capacity)
         new = new[~np.isin(new, keys)][: gone.size]
-        new_vals = rng.integers(0, 1 << 40, size=new.size, dtype=np.int64)
+        new_vals = next_row + rng.permutation(new.size).astype(np.int64)
+        next_row += new.size
         cuda.insert(gk, gv, _t(new, device), _t(new_vals, device))
         cpu.insert(ck, cv, _t(new, "cpu"), _t(new_vals, "cpu"))
         keys = np.concatenate([keys, new])
         refilled += new.size
         assert _mapping(gk, gv) == _mapping(ck, cv)
-        empty_g = int((gk == EMPTY_KEY).sum())
-        assert empty_g == capacity - keys.size - int((gk == TOMBSTONE_KEY).sum())
+        empty_g = int((gk == EMPTY_SLOT).sum())
+        assert empty_g == capacity - keys.size - int((gk == TOMBSTONE_SLOT).sum())
         q = _queries(rng, keys, _random_keys(rng, 200))
         assert torch.equal(cuda.find(gk, gv, _t(q, device)).cpu(), cpu.find(ck, cv, _t(q, "cpu")))
     # Without tombstone reuse every refilled key would have taken an EMPTY slot.
-    assert int((gk == EMPTY_KEY).sum()) > empty_at_start - refilled
+    assert int((gk == EMPTY_SLOT).sum()) > empty_at_start - refilled
 
 
 def test_erase_duplicates_first_occurrence(device: torch.device, small: int) -> None:
@@ -236,25 +245,25 @@ def test_growth_round_trip(device: torch.device, big: int) -> None:
     capacity = 1 << big
     keys = _random_keys(rng, int(0.74 * capacity))
     vals = rng.permutation(keys.size).astype(np.int64)
-    gk, gv = _empty_table(capacity, device)
+    gk, gv = _empty_table(capacity, device, rows=keys.size)
     cuda.insert(gk, gv, _t(keys, device), _t(vals, device))
     gone = keys[: keys.size // 5]
     cuda.erase(gk, gv, _t(gone, device))
     live = {int(k): int(v) for k, v in zip(keys[gone.size:], vals[gone.size:])}
 
-    held = gk > TOMBSTONE_KEY
-    bk, bv = _empty_table(2 * capacity, device)
-    cuda.insert(bk, bv, gk[held].contiguous(), gv[held].contiguous())
+    held = gk[gk >= 0].long()
+    bk, bv = _empty_table(2 * capacity, device, rows=keys.size)
+    cuda.insert(bk, bv, gv[held].contiguous(), held.contiguous())
     assert _mapping(bk, bv) == live
-    assert int((bk == TOMBSTONE_KEY).sum()) == 0
+    assert int((bk == TOMBSTONE_SLOT).sum()) == 0
 
     # Move the grown table to the CPU, shrink it there with the CPU kernels, and back.
     ck, cv = bk.cpu(), bv.cpu()
     q = _queries(rng, keys, _random_keys(rng, 1000))
     assert torch.equal(cpu.find(ck, cv, _t(q, "cpu")), cuda.find(bk, bv, _t(q, device)).cpu())
-    held = ck > TOMBSTONE_KEY
-    sk, sv = _empty_table(capacity, torch.device("cpu"))
-    cpu.insert(sk, sv, ck[held].contiguous(), cv[held].contiguous())
+    held = ck[ck >= 0].long()
+    sk, sv = _empty_table(capacity, torch.device("cpu"), rows=keys.size)
+    cpu.insert(sk, sv, cv[held].contiguous(), held.contiguous())
     assert torch.equal(cuda.find(sk.to(device), sv.to(device), _t(q, device)).cpu(),
                        cpu.find(sk, sv, _t(q, "cpu")))
 
@@ -264,7 +273,7 @@ def test_full_table_raises_instead_of_hanging(device: torch.device) -> None:
     keys = _random_keys(np.random.default_rng(9), 80)
     with pytest.raises(RuntimeError, match="full"):
         cuda.insert(gk, gv, _t(keys, device), _t(np.arange(80), device))
-    assert int((gk > TOMBSTONE_KEY).sum()) == 64
+    assert int((gk >= 0).sum()) == 64
     # find and erase still terminate on a table with no EMPTY slot
     q = _t(np.concatenate([keys, _random_keys(np.random.default_rng(4), 10)]), device)
     assert int((cuda.find(gk, gv, q) >= 0).sum()) == 64

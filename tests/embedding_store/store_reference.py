@@ -186,5 +186,5 @@ def assert_matches_reference(store: EmbeddingStore, references: dict[str, RefTab
             np.testing.assert_allclose(table.weights[row].float().numpy(), expected.weights, rtol=1e-4, atol=1e-6)
             for state_name, value in expected.state.items():
                 np.testing.assert_allclose(table.state[state_name][row].numpy(), value, rtol=1e-4, atol=1e-7)
-            assert int(table.last_update[row]) == expected.last_update
+            assert int(table.last_update_s(torch.tensor([row]))) == expected.last_update
             assert int(table.counts[row]) == expected.count

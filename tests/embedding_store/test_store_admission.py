@@ -25,7 +25,7 @@ def test_width_and_depth_follow_epsilon_and_delta() -> None:
     sketch = CountMinSketch(0.01, 0.01, seed=0)
     assert sketch.width == 512 >= math.e / 0.01
     assert sketch.depth == math.ceil(math.log(100))
-    assert sketch.nbytes == 512 * 5 * 4
+    assert sketch.nbytes == 512 * 5  # uint8 counters
 
 
 def test_estimates_never_undercount_and_duplicates_count_each_time() -> None:
@@ -34,7 +34,8 @@ def test_estimates_never_undercount_and_duplicates_count_each_time() -> None:
     for batch in stream.split(1000):
         sketch.add_and_estimate(batch)
     keys, counts = torch.unique(stream, return_counts=True)
-    assert bool((sketch.estimate(keys) >= counts).all())
+    assert bool((sketch.estimate(keys) >= counts.clamp_max(COUNTER_CAP)).all())
+    assert int(counts.max()) > COUNTER_CAP, "the stream must saturate some counter (else the cap is untested)"
     assert sketch.total == stream.numel()
     fresh = CountMinSketch(0.05, 0.1, seed=1)
     assert fresh.add_and_estimate(torch.tensor([7, 7, 7, 9])).tolist()[:3] == [3, 3, 3]
@@ -43,13 +44,16 @@ def test_estimates_never_undercount_and_duplicates_count_each_time() -> None:
 @pytest.mark.parametrize("epsilon,delta", [(0.01, 0.01), (0.002, 0.05)])
 def test_error_bound_holds_empirically(epsilon: float, delta: float) -> None:
     """P(estimate - true > epsilon * N) <= delta, per key: over every distinct key of a skewed
-    stream, the fraction over the bound must not exceed delta."""
+    stream, the fraction over the bound must not exceed delta; and no estimate is below
+    min(true, 255), the lower bound with saturating counters."""
     sketch = CountMinSketch(epsilon, delta, seed=3)
     stream = _zipf_stream(200_000, 50_000, 1.05, seed=4)
     for batch in stream.split(8192):
         sketch.add_and_estimate(batch)
     keys, counts = torch.unique(stream, return_counts=True)
-    errors = sketch.estimate(keys) - counts
+    estimates = sketch.estimate(keys)
+    assert bool((estimates >= counts.clamp_max(COUNTER_CAP)).all())
+    errors = estimates - counts
     over = float((errors > epsilon * stream.numel()).float().mean())
     assert over <= delta, f"{over:.4f} of keys exceed the bound"
     assert int(errors.max()) > 0, "a sketch this small must collide somewhere (else the test proves nothing)"
@@ -60,6 +64,18 @@ def test_counters_saturate_instead_of_overflowing() -> None:
     sketch.counters.fill_(COUNTER_CAP - 1)
     assert sketch.add_and_estimate(torch.tensor([1, 1, 1])).tolist() == [COUNTER_CAP] * 3
     assert int(sketch.counters.max()) == COUNTER_CAP
+    fresh = CountMinSketch(0.5, 0.5, seed=0)
+    assert fresh.add_and_estimate(torch.tensor([5]), torch.tensor([1000])).tolist() == [COUNTER_CAP]
+    assert fresh.add_and_estimate(torch.tensor([5, 6]), torch.tensor([300, 2])).tolist()[0] == COUNTER_CAP
+
+
+def test_saturation_never_changes_an_admission_decision() -> None:
+    """With min_count <= 255, a capped estimate reaches min_count exactly when the uncapped one
+    would: sums are taken in int32 per batch and capped once."""
+    sketch = CountMinSketch(0.5, 0.5, seed=0)
+    sketch.counters.fill_(200)
+    estimates = sketch.add_and_estimate(torch.tensor([1, 2]), torch.tensor([54, 55]))
+    assert bool((estimates >= 254).all()) and bool((estimates <= COUNTER_CAP).all())
 
 
 @pytest.mark.parametrize("epsilon,delta", [(0.0, 0.1), (1.0, 0.1), (0.1, 0.0), (0.1, 1.5)])
@@ -71,4 +87,6 @@ def test_invalid_parameters_are_refused(epsilon: float, delta: float) -> None:
 def test_load_state_checks_the_shape() -> None:
     sketch = CountMinSketch(0.1, 0.1, seed=0)
     with pytest.raises(ValueError, match="shape"):
-        sketch.load_state(torch.zeros(3, dtype=torch.int32), 0)
+        sketch.load_state(torch.zeros(3, dtype=torch.uint8), 0)
+    with pytest.raises(ValueError, match="uint8"):
+        sketch.load_state(torch.zeros(sketch.counters.shape, dtype=torch.int32), 0)

@@ -1,20 +1,32 @@
 """Hash-index kernels: one contract, a compiled CPU implementation and a Triton CUDA one.
 
-The index is open addressing with linear probing over two parallel int64 arrays of a
-power-of-two capacity C: `slot_keys` and `slot_vals`. A slot's home is
-`splitmix64(key) & (C - 1)`. Two key values are reserved as sentinels and are never valid
-feature ids: EMPTY_KEY (never used; ends a probe) and TOMBSTONE_KEY (erased; a probe walks past
-it, an insert may reuse it).
+Layout (format 2). The index is open addressing with linear probing over `slots`, an int32
+array of a power-of-two capacity C holding row ids; the keys live per row, in `row_keys`
+(int64, one per row, EMPTY_KEY for a free row), which the table needs anyway (expiry, eviction,
+deltas and checkpoints go from rows to keys). A slot's home is `splitmix64(key) & (C - 1)`; a
+probe compares `row_keys[slots[s]]` with the key. So the index costs 4 bytes per slot (4 / load
+per row) instead of the 16 of (key, value) slots; the price is one more dependent load per
+occupied slot probed, which the kernels overlap across the slots of a probe group.
 
-Every backend module exposes the same three batched functions, with no per-key Python loop:
+Slot values: a row id (>= 0), EMPTY_SLOT (-1: never used; ends a probe) or TOMBSTONE_SLOT (-2:
+erased; a probe walks past it, an insert may reuse it). Key values EMPTY_KEY and TOMBSTONE_KEY
+are reserved and never valid feature ids (EMPTY_KEY marks free rows in `row_keys`).
 
-    find(slot_keys, slot_vals, queries) -> int64[N]        value per query, -1 where absent
-    insert(slot_keys, slot_vals, keys, vals) -> None       keys unique and absent; in place
-    erase(slot_keys, slot_vals, keys) -> int64[M]          erased value per key, -1 where absent
+Every backend module exposes the same batched functions, with no per-key Python loop:
 
-Row allocation happens outside the kernels (misses are deduplicated in sorted order and given
-rows from the free list in that order), so the key -> row mapping is identical on every backend
-even though slot positions under concurrent GPU inserts may differ.
+    find(slots, row_keys, queries) -> int64[N]           row per query, -1 where absent
+    insert(slots, row_keys, keys, rows) -> None          keys unique and absent: row_keys[rows] = keys
+                                                         and each key gets a slot; in place
+    erase(slots, row_keys, keys) -> int64[M]             erased row per key (-1 where absent); its
+                                                         slot becomes a tombstone, its row_keys EMPTY_KEY
+    find_or_insert(slots, row_keys, keys, free_rows, next_row)
+        -> (rows per key, new_keys sorted unique, new_rows)   the r-th new key in ascending order
+                                                         gets free_rows[r], then next_row + r - len(free_rows)
+
+`row_keys` must have a row for every row id the call may store. Row allocation is decided
+outside the probing (misses deduplicated in sorted order, rows from the free list in that
+order), so the key -> row mapping is identical on every backend even though slot positions
+under concurrent GPU inserts may differ.
 """
 
 from __future__ import annotations
@@ -25,6 +37,9 @@ import torch
 
 EMPTY_KEY: int = -(2**63)
 TOMBSTONE_KEY: int = -(2**63) + 1
+EMPTY_SLOT: int = -1
+TOMBSTONE_SLOT: int = -2
+SLOT_DTYPE = torch.int32
 
 
 def kernels_for(device: torch.device | str) -> ModuleType:

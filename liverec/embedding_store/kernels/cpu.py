@@ -5,12 +5,13 @@ Why numba: compositions of generic torch ops (a probe loop of gathers and compar
 a compiled loop walks each key's probe sequence in registers and reaches >100 M keys/s.
 
 `find` and `erase` run in parallel over the batch (`prange`): a find only reads, and an erase of
-distinct keys writes distinct slots, while a concurrent probe treats a key that turns into a
-TOMBSTONE exactly as it treated the key (neither is its own key nor EMPTY, so it walks on).
-`insert` is sequential: two new keys may race for the same free slot, and the batch of new keys
-per step is small next to the batch of lookups, so it is not the bottleneck.
+distinct keys writes distinct slots and rows, while a concurrent probe treats a slot that turns
+into a TOMBSTONE, or a row whose key turns EMPTY, exactly as before (not its own key, not an
+EMPTY slot: it walks on). `insert` is sequential: two new keys may race for the same free slot,
+and the batch of new keys per step is small next to the batch of lookups.
 
-Tensors are viewed zero-copy as numpy arrays; they must be CPU, contiguous, int64.
+Tensors are viewed zero-copy as numpy arrays; slots are int32, keys and rows int64, all CPU and
+contiguous.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import numba
 import numpy as np
 import torch
 
-from liverec.embedding_store.kernels import EMPTY_KEY, TOMBSTONE_KEY
+from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, SLOT_DTYPE, TOMBSTONE_KEY, TOMBSTONE_SLOT
 
 # Below this batch size a parallel launch (~0.1 ms of thread wake-up) costs more than the loop.
 PARALLEL_MIN = 16384
 _EMPTY = np.int64(EMPTY_KEY)
 _TOMBSTONE = np.int64(TOMBSTONE_KEY)
+_EMPTY_SLOT = np.int32(EMPTY_SLOT)
+_TOMBSTONE_SLOT = np.int32(TOMBSTONE_SLOT)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -44,78 +47,97 @@ def _home(key: np.int64, mask: np.uint64) -> np.int64:
 
 
 @numba.njit(cache=True, inline="always")
-def _find_one(slot_keys: np.ndarray, slot_vals: np.ndarray, key: np.int64, mask: np.uint64) -> np.int64:
+def _slot_of(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, mask: np.uint64) -> np.int64:
+    """The slot holding key's row, or -1 (probe ended at an EMPTY slot, or the table is full)."""
     slot = _home(key, mask)
-    while True:
-        held = slot_keys[slot]
-        if held == key:
-            return slot_vals[slot]
-        if held == _EMPTY:
+    for _ in range(slots.shape[0]):
+        row = slots[slot]
+        if row >= 0:
+            if row_keys[row] == key:
+                return slot
+        elif row == _EMPTY_SLOT:
             return np.int64(-1)
         slot = np.int64(np.uint64(slot + 1) & mask)
+    return np.int64(-1)
 
 
 @numba.njit(cache=True, inline="always")
-def _erase_one(slot_keys: np.ndarray, slot_vals: np.ndarray, key: np.int64, mask: np.uint64) -> np.int64:
+def _find_one(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, mask: np.uint64) -> np.int64:
+    if key == _EMPTY or key == _TOMBSTONE:
+        return np.int64(-1)
+    slot = _slot_of(slots, row_keys, key, mask)
+    return np.int64(-1) if slot < 0 else np.int64(slots[slot])
+
+
+@numba.njit(cache=True, inline="always")
+def _erase_one(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, mask: np.uint64) -> np.int64:
+    if key == _EMPTY or key == _TOMBSTONE:
+        return np.int64(-1)
+    slot = _slot_of(slots, row_keys, key, mask)
+    if slot < 0:
+        return np.int64(-1)
+    row = np.int64(slots[slot])
+    slots[slot] = _TOMBSTONE_SLOT
+    row_keys[row] = _EMPTY
+    return row
+
+
+@numba.njit(cache=True, inline="always")
+def _insert_one(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, row: np.int64, mask: np.uint64) -> bool:
+    """Claim the first EMPTY or TOMBSTONE slot on key's path for row; False if there is none."""
+    row_keys[row] = key
     slot = _home(key, mask)
-    while True:
-        held = slot_keys[slot]
-        if held == key:
-            value = slot_vals[slot]
-            slot_keys[slot] = _TOMBSTONE
-            slot_vals[slot] = -1
-            return value
-        if held == _EMPTY:
-            return np.int64(-1)
+    for _ in range(slots.shape[0]):
+        if slots[slot] < 0:
+            slots[slot] = np.int32(row)
+            return True
         slot = np.int64(np.uint64(slot + 1) & mask)
+    row_keys[row] = _EMPTY
+    return False
 
 
 @numba.njit(cache=True, parallel=True)
-def _find_parallel(slot_keys: np.ndarray, slot_vals: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
-    mask = np.uint64(slot_keys.shape[0] - 1)
+def _find_parallel(slots: np.ndarray, row_keys: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
+    mask = np.uint64(slots.shape[0] - 1)
     for i in numba.prange(queries.shape[0]):
-        out[i] = _find_one(slot_keys, slot_vals, queries[i], mask)
+        out[i] = _find_one(slots, row_keys, queries[i], mask)
 
 
 @numba.njit(cache=True)
-def _find_serial(slot_keys: np.ndarray, slot_vals: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
-    mask = np.uint64(slot_keys.shape[0] - 1)
+def _find_serial(slots: np.ndarray, row_keys: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
+    mask = np.uint64(slots.shape[0] - 1)
     for i in range(queries.shape[0]):
-        out[i] = _find_one(slot_keys, slot_vals, queries[i], mask)
+        out[i] = _find_one(slots, row_keys, queries[i], mask)
 
 
 @numba.njit(cache=True, parallel=True)
-def _erase_parallel(slot_keys: np.ndarray, slot_vals: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
-    mask = np.uint64(slot_keys.shape[0] - 1)
+def _erase_parallel(slots: np.ndarray, row_keys: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
+    mask = np.uint64(slots.shape[0] - 1)
     for i in numba.prange(keys.shape[0]):
-        out[i] = _erase_one(slot_keys, slot_vals, keys[i], mask)
+        out[i] = _erase_one(slots, row_keys, keys[i], mask)
 
 
 @numba.njit(cache=True)
-def _erase_serial(slot_keys: np.ndarray, slot_vals: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
-    mask = np.uint64(slot_keys.shape[0] - 1)
+def _erase_serial(slots: np.ndarray, row_keys: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
+    mask = np.uint64(slots.shape[0] - 1)
     for i in range(keys.shape[0]):
-        out[i] = _erase_one(slot_keys, slot_vals, keys[i], mask)
+        out[i] = _erase_one(slots, row_keys, keys[i], mask)
 
 
 @numba.njit(cache=True)
-def _insert(slot_keys: np.ndarray, slot_vals: np.ndarray, keys: np.ndarray, vals: np.ndarray) -> None:
-    mask = np.uint64(slot_keys.shape[0] - 1)
+def _insert(slots: np.ndarray, row_keys: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> np.int64:
+    """Insert in order; returns how many keys found no free slot (they are not inserted)."""
+    mask = np.uint64(slots.shape[0] - 1)
+    lost = 0
     for i in range(keys.shape[0]):
-        key = keys[i]
-        slot = _home(key, mask)
-        while True:
-            held = slot_keys[slot]
-            if held == _EMPTY or held == _TOMBSTONE:
-                slot_keys[slot] = key
-                slot_vals[slot] = vals[i]
-                break
-            slot = np.int64(np.uint64(slot + 1) & mask)
+        if not _insert_one(slots, row_keys, keys[i], rows[i], mask):
+            lost += 1
+    return lost
 
 
-def _check(tensor: torch.Tensor) -> None:
-    if tensor.dtype != torch.int64 or tensor.device.type != "cpu":
-        raise TypeError(f"CPU kernels take CPU int64 tensors, got {tensor.dtype} on {tensor.device}")
+def _check(tensor: torch.Tensor, dtype: torch.dtype = torch.int64) -> None:
+    if tensor.dtype != dtype or tensor.device.type != "cpu":
+        raise TypeError(f"CPU kernels take CPU {dtype} tensors here, got {tensor.dtype} on {tensor.device}")
 
 
 def _view(tensor: torch.Tensor) -> np.ndarray:
@@ -124,30 +146,63 @@ def _view(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().numpy()
 
 
-def _slots(tensor: torch.Tensor) -> np.ndarray:
-    """A zero-copy numpy view of a slot array the kernel writes through: never a copy."""
-    _check(tensor)
+def _inplace(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A zero-copy numpy view of an array the kernel writes through: never a copy."""
+    _check(tensor, dtype)
     if not tensor.is_contiguous():
-        raise ValueError("slot arrays must be contiguous: the kernels write through them in place")
+        raise ValueError("slots and row_keys must be contiguous: the kernels write through them in place")
     return tensor.numpy()
 
 
-def find(slot_keys: torch.Tensor, slot_vals: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Value stored for each query, -1 where the query is absent."""
+def _table(slots: torch.Tensor, row_keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    cap = slots.numel()
+    if cap == 0 or cap & (cap - 1):
+        raise ValueError(f"capacity must be a power of two, got {cap}")
+    return _inplace(slots, SLOT_DTYPE), _inplace(row_keys, torch.int64)
+
+
+def find(slots: torch.Tensor, row_keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Row of each query, -1 where the query is absent."""
+    table = _table(slots, row_keys)
     out = torch.empty(queries.shape[0], dtype=torch.int64)
     kernel = _find_parallel if queries.shape[0] >= PARALLEL_MIN else _find_serial
-    kernel(_slots(slot_keys), _slots(slot_vals), _view(queries), out.numpy())
+    kernel(*table, _view(queries), out.numpy())
     return out
 
 
-def insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> None:
-    """Insert unique, absent keys with their values, in place (slot arrays must be contiguous)."""
-    _insert(_slots(slot_keys), _slots(slot_vals), _view(keys), _view(vals))
+def insert(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> None:
+    """Insert unique, absent keys at their rows, in place. Raises if a key found no free slot
+    (the caller grows the table first); the keys before it stay inserted."""
+    if rows.numel() != keys.numel():
+        raise ValueError("keys and rows must have the same length")
+    lost = _insert(*_table(slots, row_keys), _view(keys), _view(rows))
+    if lost:
+        raise RuntimeError(f"hash index full: {lost} keys found no free slot")
 
 
-def erase(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Erase each key (its slot becomes a TOMBSTONE); the erased value per key, -1 where absent."""
+def erase(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Erase each key (unique keys); the erased row per key, -1 where absent."""
+    table = _table(slots, row_keys)
     out = torch.empty(keys.shape[0], dtype=torch.int64)
     kernel = _erase_parallel if keys.shape[0] >= PARALLEL_MIN else _erase_serial
-    kernel(_slots(slot_keys), _slots(slot_vals), _view(keys), out.numpy())
+    kernel(*table, _view(keys), out.numpy())
     return out
+
+
+def rows_for(count: int, free_rows: torch.Tensor, next_row: int) -> torch.Tensor:
+    """Rows for `count` new keys: the free rows in order, then fresh rows from next_row."""
+    take = free_rows[:count]
+    fresh = torch.arange(next_row, next_row + count - take.numel(), dtype=torch.int64, device=free_rows.device)
+    return torch.cat([take, fresh])
+
+
+def find_or_insert(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor, free_rows: torch.Tensor,
+                   next_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row per key, inserting the absent ones; returns (rows, new_keys, new_rows) as the contract says."""
+    out = find(slots, row_keys, keys)
+    miss = (out < 0) & (keys > TOMBSTONE_KEY)
+    new_keys, inverse = torch.unique(keys[miss], return_inverse=True)
+    new_rows = rows_for(new_keys.numel(), free_rows, next_row)
+    insert(slots, row_keys, new_keys, new_rows)
+    out[miss] = new_rows[inverse]
+    return out, new_keys, new_rows

@@ -1,25 +1,31 @@
 """Triton kernels for the hash index on CUDA (the contract is in `kernels/__init__.py`).
 
-Same layout, hash, sentinels and probing order as the CPU kernels, so a table built on one
-backend can be searched on the other. One lane per key, no per-key Python loop.
+Same layout (int32 slots of row ids, keys per row), hash, sentinels and probing order as the CPU
+kernels, so a table built on one backend can be searched on the other. One lane per key, no
+per-key Python loop.
 
-Probing reads the slot array in aligned groups of G = 4 slots (one 32-byte DRAM sector) and
-takes the first slot of the group, from the home slot on, that ends the probe. That is exactly
-linear probing, but a probe of length L costs about L / 4 dependent loads instead of L: a hash
-lookup is bound by the latency of those loads, and a block waits for its slowest lane.
+Probing reads the slot array in aligned groups of G = 8 slots (one 32-byte DRAM sector) and
+takes the first slot of the group, from the home slot on, that ends the probe. For each
+occupied slot before the group's first EMPTY the lane loads the row's key; those loads depend
+only on the group's slot values, so they are issued together rather than one after another.
+That is exactly linear probing, but a probe of length L costs about L / 8 dependent slot loads
+plus one round of key loads per group: a hash lookup is bound by the latency of those loads,
+and a block waits for its slowest lane.
 
-Concurrency: lanes of one launch race for free slots with a compare-and-swap on the int64 slot
-key. A slot, once claimed, never changes within a launch, so a lane that loses the race learns
-the winner's key from the CAS and either has met its own key or walks on. Triton's
-`atomic_cas` has no mask: idle lanes CAS a private scratch cell with compare == new (a no-op).
+Concurrency: lanes of one launch race for free slots with a compare-and-swap on the int32 slot.
+A slot, once claimed, never changes within a launch, so a lane that loses the race learns the
+winner's value from the CAS and either has met its own key or walks on. Triton's `atomic_cas`
+has no mask: idle lanes CAS a private scratch cell with compare == new (a no-op).
 
 `find_or_insert` is the store's hot path (find -> dedup misses -> allocate -> insert) and gives
 the CPU path's key -> row mapping: the r-th new key in ascending order gets the r-th row.
 `fused=False` composes the contract's functions literally (torch.unique on the misses).
-`fused=True` finds and claims in one kernel, deduplicating inside the table itself (lanes of
-one key meet at the slot the first of them claims) and appending each new key once to a
-list; after one host sync that list is sorted, and a second kernel gives each lane of a new
-key the row of its rank, writing it to the slot and the output.
+`fused=True` finds and claims in one kernel, deduplicating inside the table itself: a lane
+claims a free slot by writing the pending code -3 - lane, from which any lane that meets it
+reads the claimed key (keys[lane]); lanes of one key meet at the slot the first of them claims,
+and the winner appends the key once to a list. After one host sync that list is sorted, and a
+second kernel gives each lane of a new key the row of its rank, writing it to the slot, the
+row's key and the output.
 """
 
 from __future__ import annotations
@@ -37,14 +43,14 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
         "PyTorch); on a machine without it use the CPU kernels (kernels_for('cpu'))"
     ) from exc
 
-from liverec.embedding_store.kernels import EMPTY_KEY, TOMBSTONE_KEY
+from liverec.embedding_store.kernels import EMPTY_KEY, SLOT_DTYPE, TOMBSTONE_KEY, TOMBSTONE_SLOT
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly); used to test without a GPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 BLOCK = 64  # lanes per program: small blocks keep the slowest lane's probe from idling many
 NUM_WARPS = 1
-GROUP = 4  # slots read per probe step: 4 x int64 = one 32-byte sector
+GROUP = 8  # slots read per probe step: 8 x int32 = one 32-byte sector
 
 _EMPTY = tl.constexpr(EMPTY_KEY)
 _TOMB = tl.constexpr(TOMBSTONE_KEY)
@@ -72,63 +78,88 @@ def _cas(ptr, cmp, new, pred, scratch_ptr):
 
 
 @triton.jit
-def _scan(slot_keys, base, first, k, active, G: tl.constexpr, FREE_STOPS: tl.constexpr):
-    """Look at slots base + first .. base + G - 1 (one aligned group) in probe order.
-
-    Returns (jstop, held, jfree): the first j holding k or EMPTY (or, if FREE_STOPS, k, EMPTY
-    or TOMBSTONE), G if none, with the key held there; and the first j holding EMPTY or
-    TOMBSTONE, G if none. The G loads are independent (one sector), so they overlap.
-    """
-    jstop = first * 0 + G
-    jfree = jstop
-    held = k * 0
-    for jj in tl.static_range(G):
-        kj = tl.load(slot_keys + (base + jj), mask=active, other=_EMPTY)
-        ok = first <= jj
-        free = (kj == _EMPTY) | (kj == _TOMB)
-        if FREE_STOPS:
-            stop = ok & (jstop == G) & ((kj == k) | free)
-        else:
-            stop = ok & (jstop == G) & ((kj == k) | (kj == _EMPTY))
-        held = tl.where(stop, kj, held)
-        jstop = tl.where(stop, jj, jstop)
-        jfree = tl.where(ok & free & (jfree == G), jj, jfree)
-    return jstop, held, jfree
+def _key_at(row_keys, keys_ptr, v, want, PENDING: tl.constexpr):
+    """The key a slot value stands for, where `want`: row_keys[v] for a row; keys[-3 - v] for a
+    claim pending in this launch (PENDING only); EMPTY for a free slot."""
+    key = tl.load(row_keys + v.to(tl.int64), mask=want & (v >= 0), other=_EMPTY)
+    if PENDING:
+        claimed = tl.load(keys_ptr + (-3 - v).to(tl.int64), mask=want & (v <= -3), other=_EMPTY)
+        key = tl.where(v <= -3, claimed, key)
+    return key
 
 
 @triton.jit
-def _locate(slot_keys, q, active, cmask, cap, G: tl.constexpr):
-    """(found, slot) of each active query: walk G-slot groups to the key or an EMPTY slot."""
+def _scan(slots, row_keys, keys_ptr, base, first, k, active, G: tl.constexpr, FREE_STOPS: tl.constexpr,
+          PENDING: tl.constexpr):
+    """Look at slots base + first .. base + G - 1 (one aligned group) in probe order.
+
+    Returns (jstop, vstop, kstop, jfree): the first j whose slot holds k or is EMPTY (or, if
+    FREE_STOPS, holds k or is EMPTY or TOMBSTONE), G if none, with the slot value there and
+    whether it is k's; and the first j that is EMPTY or TOMBSTONE, G if none. Keys are loaded
+    only for occupied slots before the group's first EMPTY; the G slot loads are one sector.
+    """
+    jstop = first * 0 + G
+    jfree = jstop
+    vstop = (first * 0 - 1).to(tl.int32)
+    kstop = active & (k != k)
+    open_ = active
+    for jj in tl.static_range(G):
+        v = tl.load(slots + (base + jj), mask=active, other=-1)
+        ok = first <= jj
+        kj = _key_at(row_keys, keys_ptr, v, open_ & ok & (v != -2), PENDING)
+        is_k = ok & (v != -1) & (v != -2) & (kj == k)
+        empty = ok & (v == -1)
+        free = empty | (ok & (v == -2))
+        if FREE_STOPS:
+            stop = (jstop == G) & (is_k | free)
+        else:
+            stop = (jstop == G) & (is_k | empty)
+        vstop = tl.where(stop, v, vstop)
+        kstop = kstop | (stop & is_k)
+        jstop = tl.where(stop, jj, jstop)
+        jfree = tl.where(free & (jfree == G), jj, jfree)
+        open_ = open_ & ~empty
+    return jstop, vstop, kstop, jfree
+
+
+@triton.jit
+def _locate(slots, row_keys, q, active, cmask, cap, G: tl.constexpr):
+    """(found, slot, row) of each active query: walk G-slot groups to the key or an EMPTY slot."""
     home = _home(q, cmask)
     base = home & -G
     first = home - base
     found = active & (q != q)
     slot = home * 0
+    row = (home * 0 - 1).to(tl.int32)
     steps = tl.program_id(0) * 0  # a scalar tensor: the interpreter mishandles python-int compares
     go = tl.max(active.to(tl.int32), axis=0)
     while go > 0:
-        jstop, held, jfree = _scan(slot_keys, base, first, q, active, G, False)
+        jstop, vstop, kstop, jfree = _scan(slots, row_keys, row_keys, base, first, q, active, G, False, False)
         ended = active & (jstop < G)
-        hit = ended & (held == q)
+        hit = ended & kstop
         found = found | hit
         slot = tl.where(hit, base + jstop, slot)
+        row = tl.where(hit, vstop, row)
         active = active & ~ended
         base = (base + G) & cmask
         first = first * 0
         steps += G
         go = tl.max(active.to(tl.int32), axis=0) * (steps < cap + G).to(tl.int32)
-    return found, slot
+    return found, slot, row
 
 
 @triton.jit
-def _claim(slot_keys, k, active, base, first, cmask, max_iters, scratch_ptr, G: tl.constexpr):
-    """Claim the first free slot (EMPTY or TOMBSTONE) from base + first on, or meet k there.
+def _claim(slots, row_keys, keys_ptr, k, claim_val, active, base, first, cmask, max_iters, scratch_ptr,
+           G: tl.constexpr, PENDING: tl.constexpr):
+    """Claim the first free slot (EMPTY or TOMBSTONE) from base + first on with claim_val, or
+    meet k there.
 
     k must be absent from the table at launch, and every slot before base + first on its path
-    must hold another key. Lanes of one key walk the same path and meet at the slot the first
-    of them claims. Returns (won, found, slot): won marks the lane whose CAS put k there, found
-    every lane that ended at k's slot. A lost CAS returns the slot's new key, so the lane
-    decides from that (k: met; another key: walk on) without re-reading the slot.
+    must hold another key. Lanes of one key (PENDING: claim_val a pending code) walk the same
+    path and meet at the slot the first of them claims. Returns (won, found, slot): won marks
+    the lane whose CAS claimed the slot, found every lane that ended at k's slot. A lost CAS
+    returns the slot's new value, so the lane decides from that (k's: met; another key's: walk
+    on) without re-reading the slot.
 
     All tensors here are 1-D with one lane per thread: after a cross-thread reduction Triton
     may replicate a lane over several threads, and replicas of one CAS disagree on its result.
@@ -139,15 +170,18 @@ def _claim(slot_keys, k, active, base, first, cmask, max_iters, scratch_ptr, G: 
     steps = tl.program_id(0) * 0
     go = tl.max(active.to(tl.int32), axis=0)
     while go > 0:
-        jstop, held, jfree = _scan(slot_keys, base, first, k, active, G, True)
+        jstop, vstop, kstop, jfree = _scan(slots, row_keys, keys_ptr, base, first, k, active, G, True, PENDING)
         at = active & (jstop < G)
-        free = at & (held != k)
+        free = at & ~kstop
         s = base + jstop
-        old = held
+        old = vstop
         if tl.max(free.to(tl.int32), axis=0) > 0:
-            old = _cas(slot_keys + s, held, k, free, scratch_ptr)
-        got = free & (old == held)
-        met = at & ~got & ((held == k) | (old == k))
+            old = _cas(slots + s, vstop, claim_val, free, scratch_ptr)
+        got = free & (old == vstop)
+        met = at & ~got & kstop
+        if PENDING:
+            lost = free & ~got
+            met = met | (lost & (_key_at(row_keys, keys_ptr, old, lost, PENDING) == k))
         won = won | got
         found = found | got | met
         slot = tl.where(got | met, s, slot)
@@ -163,58 +197,56 @@ def _claim(slot_keys, k, active, base, first, cmask, max_iters, scratch_ptr, G: 
 
 
 @triton.jit
-def _find_kernel(slot_keys, slot_vals, q_ptr, out_ptr, n, cmask, cap,
-                 BLOCK: tl.constexpr, G: tl.constexpr):
+def _find_kernel(slots, row_keys, q_ptr, out_ptr, n, cmask, cap, BLOCK: tl.constexpr, G: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     q = tl.load(q_ptr + offs, mask=m, other=_EMPTY)
-    found, slot = _locate(slot_keys, q, m & (q != _EMPTY) & (q != _TOMB), cmask, cap, G)
-    tl.store(out_ptr + offs, tl.load(slot_vals + slot, mask=found, other=-1), mask=m)
+    found, slot, row = _locate(slots, row_keys, q, m & (q != _EMPTY) & (q != _TOMB), cmask, cap, G)
+    tl.store(out_ptr + offs, tl.where(found, row.to(tl.int64), -1), mask=m)
 
 
 @triton.jit
-def _erase_kernel(slot_keys, slot_vals, keys_ptr, out_ptr, n, cmask, cap,
-                  BLOCK: tl.constexpr, G: tl.constexpr):
-    """Tombstone each key's slot (value reset to -1, as on the CPU); keys are unique here."""
+def _erase_kernel(slots, row_keys, keys_ptr, out_ptr, n, cmask, cap, BLOCK: tl.constexpr, G: tl.constexpr):
+    """Tombstone each key's slot and free its row's key (EMPTY); keys are unique here."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     q = tl.load(keys_ptr + offs, mask=m, other=_EMPTY)
-    found, slot = _locate(slot_keys, q, m & (q != _EMPTY) & (q != _TOMB), cmask, cap, G)
-    tl.store(out_ptr + offs, tl.load(slot_vals + slot, mask=found, other=-1), mask=m)
-    tl.store(slot_keys + slot, tl.full([BLOCK], _TOMB, tl.int64), mask=found)
-    tl.store(slot_vals + slot, tl.full([BLOCK], -1, tl.int64), mask=found)
+    found, slot, row = _locate(slots, row_keys, q, m & (q != _EMPTY) & (q != _TOMB), cmask, cap, G)
+    row64 = row.to(tl.int64)
+    tl.store(out_ptr + offs, tl.where(found, row64, -1), mask=m)
+    tl.store(slots + slot, tl.full([BLOCK], -2, tl.int32), mask=found)
+    tl.store(row_keys + row64, tl.full([BLOCK], _EMPTY, tl.int64), mask=found)
 
 
 @triton.jit
-def _insert_kernel(slot_keys, slot_vals, keys_ptr, vals_ptr, scratch, fail_ptr, n, cmask, max_iters,
+def _insert_kernel(slots, row_keys, keys_ptr, rows_ptr, scratch, fail_ptr, n, cmask, max_iters,
                    BLOCK: tl.constexpr, G: tl.constexpr):
-    """Insert unique, absent keys: each claims the first free slot on its probe path."""
+    """Insert unique, absent keys (their row_keys already written): each claims the first free
+    slot on its probe path with its row."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=_EMPTY)
+    r = tl.load(rows_ptr + offs, mask=m, other=-1).to(tl.int32)
     active = m & (k != _EMPTY) & (k != _TOMB)
     home = _home(k, cmask)
     base = home & -G
-    won, found, slot = _claim(slot_keys, k, active, base, home - base, cmask, max_iters,
-                              scratch + offs, G)
-    tl.store(slot_vals + slot, tl.load(vals_ptr + offs, mask=won, other=-1), mask=won)
+    won, found, slot = _claim(slots, row_keys, keys_ptr, k, r, active, base, home - base, cmask, max_iters,
+                              scratch + offs, G, False)
     lost = tl.sum((active & ~found).to(tl.int32), axis=0)
     if lost > 0:
         tl.atomic_add(fail_ptr, lost)
 
 
 @triton.jit
-def _find_or_claim_kernel(slot_keys, slot_vals, keys_ptr, out_ptr, pos_out, fresh_out, new_keys,
-                          counter, scratch, n, cmask, cap, max_iters,
-                          BLOCK: tl.constexpr, G: tl.constexpr):
+def _find_or_claim_kernel(slots, row_keys, keys_ptr, out_ptr, pos_out, fresh_out, new_keys, new_index,
+                          counter, scratch, n, cmask, cap, max_iters, BLOCK: tl.constexpr, G: tl.constexpr):
     """First half of find_or_insert: find each key, or claim a slot for it.
 
-    A present key's value goes to out. For a new key: out = -1, fresh = 1, pos = its slot,
-    and the one lane whose CAS inserted it appends it to new_keys (counter[0] counts them;
-    counter[1] counts keys that found no free slot). Its value is negative until the rows
-    are ranked (-1 as a free slot, then -2 - index), so a lane that meets a key another lane
-    claimed in this launch knows it is new: free slots always hold -1 (the kernels and the
-    index keep it so) and stored values (rows) are >= 0.
+    A present key's row goes to out. For a new key: out = -1, fresh = 1, pos = its slot, and
+    the one lane whose CAS claimed it appends it to new_keys (counter[0] counts them; counter[1]
+    counts keys that found no free slot) and records where in new_index[lane]. The slot holds
+    the pending code -3 - lane until the rows are ranked, so a lane that meets a key another
+    lane claimed in this launch knows it is new: stored rows are >= 0.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -226,29 +258,30 @@ def _find_or_claim_kernel(slot_keys, slot_vals, keys_ptr, out_ptr, pos_out, fres
     active = valid
     hit = valid & (k != k)
     slot = home * 0
+    val = (home * 0 - 1).to(tl.int32)
     free_at = slot - 1  # first free slot on the path: where an absent key claims
     steps = tl.program_id(0) * 0
     go = tl.max(active.to(tl.int32), axis=0)
     while go > 0:
-        jstop, held, jfree = _scan(slot_keys, base, first, k, active, G, False)
+        jstop, vstop, kstop, jfree = _scan(slots, row_keys, keys_ptr, base, first, k, active, G, False, True)
         free_at = tl.where(active & (free_at < 0) & (jfree < G), base + jfree, free_at)
         ended = active & (jstop < G)
-        h = ended & (held == k)
+        h = ended & kstop
         hit = hit | h
         slot = tl.where(h, base + jstop, slot)
+        val = tl.where(h, vstop, val)
         active = active & ~ended
         base = (base + G) & cmask
         first = first * 0
         steps += G
         go = tl.max(active.to(tl.int32), axis=0) * (steps < cap + G).to(tl.int32)
-    val = tl.load(slot_vals + slot, mask=hit, other=-1)
     # Every slot before free_at held another key and still does, so k cannot be there.
     claim = valid & ~hit & (free_at >= 0)
     cbase = free_at & -G
-    won, found, cslot = _claim(slot_keys, k, claim, cbase, free_at - cbase, cmask, max_iters,
-                               scratch + offs, G)
+    won, found, cslot = _claim(slots, row_keys, keys_ptr, k, (-3 - offs).to(tl.int32), claim, cbase,
+                               free_at - cbase, cmask, max_iters, scratch + offs, G, True)
     fresh = (hit & (val < 0)) | found
-    tl.store(out_ptr + offs, tl.where(fresh, -1, val), mask=m)
+    tl.store(out_ptr + offs, tl.where(fresh, -1, val.to(tl.int64)), mask=m)
     tl.store(pos_out + offs, tl.where(found, cslot, slot), mask=m)
     tl.store(fresh_out + offs, fresh.to(tl.int8), mask=m)
     n_won = tl.sum(won.to(tl.int32), axis=0)
@@ -257,52 +290,55 @@ def _find_or_claim_kernel(slot_keys, slot_vals, keys_ptr, out_ptr, pos_out, fres
         at = tl.atomic_add(counter, n_won)
     idx = at + tl.cumsum(won.to(tl.int32), axis=0) - 1
     tl.store(new_keys + idx, k, mask=won)
-    # The slot's value says where the key sits in new_keys (-2 - idx) until its row is known.
-    tl.store(slot_vals + cslot, -2 - idx.to(tl.int64), mask=won)
+    tl.store(new_index + offs, idx.to(tl.int64), mask=won)
     lost = tl.sum((valid & ~hit & ~found).to(tl.int32), axis=0)
     if lost > 0:
         tl.atomic_add(counter + 1, lost)
 
 
 @triton.jit
-def _finish_kernel(slot_vals, pos, fresh_ptr, rank_of, free_rows, n_free, next_row, out_ptr,
-                   new_rows, n, BLOCK: tl.constexpr):
+def _finish_kernel(slots, row_keys, keys_ptr, pos, fresh_ptr, new_index, rank_of, free_rows, n_free, next_row,
+                   out_ptr, new_rows, n, BLOCK: tl.constexpr):
     """Second half: give each new key its row, from its rank among the sorted new keys.
 
-    A new key's slot holds -2 - (its index in new_keys) until a lane of it writes the row;
-    every lane of the key reads either, derives the same row and writes it to the slot, to
-    out and to new_rows[rank]: no lane waits for another.
+    A new key's slot holds -3 - (the claiming lane) until a lane of the key writes the row;
+    every lane of the key reads either, derives the same row and writes it to the slot, to the
+    row's key, to out and to new_rows[rank]: no lane waits for another.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     fresh = m & (tl.load(fresh_ptr + offs, mask=m, other=0) != 0)
     p = tl.load(pos + offs, mask=fresh, other=0)
-    v = tl.load(slot_vals + p, mask=fresh, other=-1)
-    coded = fresh & (v <= -2)
-    rank = tl.load(rank_of + (-2 - v), mask=coded, other=0)
+    v = tl.load(slots + p, mask=fresh, other=-1)
+    coded = fresh & (v <= -3)
+    idx = tl.load(new_index + (-3 - v).to(tl.int64), mask=coded, other=0)
+    rank = tl.load(rank_of + idx, mask=coded, other=0)
     from_free = coded & (rank < n_free)
     row = tl.load(free_rows + rank, mask=from_free, other=0)
-    row = tl.where(coded, tl.where(from_free, row, next_row + rank - n_free), v)
+    row = tl.where(coded, tl.where(from_free, row, next_row + rank - n_free), v.to(tl.int64))
     ok = fresh & (row >= 0)
-    tl.store(slot_vals + p, row, mask=ok)
+    k = tl.load(keys_ptr + offs, mask=ok, other=_EMPTY)
+    tl.store(slots + p, row.to(tl.int32), mask=ok)
+    tl.store(row_keys + row, k, mask=ok)
     tl.store(out_ptr + offs, row, mask=ok)
     tl.store(new_rows + rank, row, mask=coded)
 
 
-def _check(slot_keys: torch.Tensor, slot_vals: torch.Tensor, *keys: torch.Tensor) -> int:
+def _check(slots: torch.Tensor, row_keys: torch.Tensor, *keys: torch.Tensor) -> int:
     """Validate the table and key tensors; return capacity - 1 (the probe mask)."""
-    cap = slot_keys.numel()
+    cap = slots.numel()
     if cap == 0 or cap & (cap - 1):
         raise ValueError(f"capacity must be a power of two, got {cap}")
-    for t in (slot_keys, slot_vals, *keys):
+    if slots.dtype != SLOT_DTYPE:
+        raise TypeError(f"slots must be {SLOT_DTYPE}, got {slots.dtype}")
+    for t in (row_keys, *keys):
         if t.dtype != torch.int64:
-            raise TypeError(f"hash-index tensors must be int64, got {t.dtype}")
+            raise TypeError(f"keys and rows must be int64, got {t.dtype}")
+    for t in (slots, row_keys, *keys):
         if not (t.is_cuda or _INTERPRET):
             raise ValueError(f"CUDA kernels got a tensor on {t.device}")
         if not t.is_contiguous():
             raise ValueError("hash-index tensors must be contiguous")
-    if slot_vals.numel() != cap:
-        raise ValueError("slot_keys and slot_vals must have the same length")
     return cap - 1
 
 
@@ -328,7 +364,7 @@ def _max_claim_steps(cmask: int) -> int:
 
 def _scratch(n: int, device: torch.device) -> torch.Tensor:
     """One cell per lane for the no-op CAS of idle lanes (contents never matter)."""
-    return torch.empty(n, dtype=torch.int64, device=device)
+    return torch.empty(n, dtype=SLOT_DTYPE, device=device)
 
 
 def _run(kernel: triton.JITFunction, n: int, *args: object, **meta: object) -> None:
@@ -336,39 +372,41 @@ def _run(kernel: triton.JITFunction, n: int, *args: object, **meta: object) -> N
     kernel[opts.pop("grid")](*args, **opts, **meta)
 
 
-def find(slot_keys: torch.Tensor, slot_vals: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Value per query, -1 where absent (sentinel queries are absent)."""
-    cmask = _check(slot_keys, slot_vals, queries)
+def find(slots: torch.Tensor, row_keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Row per query, -1 where absent (sentinel queries are absent)."""
+    cmask = _check(slots, row_keys, queries)
     out = torch.empty_like(queries)
     if queries.numel():
-        _run(_find_kernel, queries.numel(), slot_keys, slot_vals, queries, out, queries.numel(),
-             cmask, cmask + 1, G=_group(cmask))
+        _run(_find_kernel, queries.numel(), slots, row_keys, queries, out, queries.numel(), cmask, cmask + 1,
+             G=_group(cmask))
     return out
 
 
-def insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor,
-           vals: torch.Tensor) -> None:
-    """Insert unique, absent keys with their values, in place.
+def insert(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> None:
+    """Insert unique, absent keys at their rows, in place.
 
-    Raises if a key found no free slot (the table was full: the caller grows it first).
+    Raises if a key found no free slot (the table was full: the caller grows it first); the
+    rows of the keys that found none get their key cleared again.
     """
-    cmask = _check(slot_keys, slot_vals, keys, vals)
-    if vals.numel() != keys.numel():
-        raise ValueError("keys and vals must have the same length")
+    cmask = _check(slots, row_keys, keys, rows)
+    if rows.numel() != keys.numel():
+        raise ValueError("keys and rows must have the same length")
     n = keys.numel()
     if not n:
         return
+    row_keys[rows] = keys  # before the launch: lanes probing past a claimed slot read its key
     fail = torch.zeros(1, dtype=torch.int32, device=keys.device)
-    _run(_insert_kernel, n, slot_keys, slot_vals, keys, vals, _scratch(n, keys.device), fail, n,
-         cmask, _max_claim_steps(cmask), G=_group(cmask))
+    _run(_insert_kernel, n, slots, row_keys, keys, rows, _scratch(n, keys.device), fail, n, cmask,
+         _max_claim_steps(cmask), G=_group(cmask))
     lost = int(fail.item())
     if lost:
+        row_keys[rows[find(slots, row_keys, keys) < 0]] = EMPTY_KEY
         raise RuntimeError(f"hash index full: {lost} keys found no free slot")
 
 
-def erase(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Erased value per key, -1 where absent; a repeated key is erased at its first occurrence."""
-    cmask = _check(slot_keys, slot_vals, keys)
+def erase(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Erased row per key, -1 where absent; a repeated key is erased at its first occurrence."""
+    cmask = _check(slots, row_keys, keys)
     n = keys.numel()
     out = torch.full_like(keys, -1)
     if not n:
@@ -377,8 +415,8 @@ def erase(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor) 
     first = torch.full((uniq.numel(),), n, dtype=torch.int64, device=keys.device)
     first.scatter_reduce_(0, inv, torch.arange(n, device=keys.device), reduce="amin")
     erased = torch.empty_like(uniq)
-    _run(_erase_kernel, uniq.numel(), slot_keys, slot_vals, uniq, erased, uniq.numel(), cmask,
-         cmask + 1, G=_group(cmask))
+    _run(_erase_kernel, uniq.numel(), slots, row_keys, uniq, erased, uniq.numel(), cmask, cmask + 1,
+         G=_group(cmask))
     out[first] = erased
     return out
 
@@ -393,26 +431,26 @@ def _rows_for(count: int, free_rows: torch.Tensor, next_row: int) -> torch.Tenso
     return torch.cat([take, fresh])
 
 
-def find_or_insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch.Tensor,
+def find_or_insert(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor,
                    free_rows: torch.Tensor, next_row: int, fused: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row per key, inserting absent keys; returns (rows, new_keys, new_rows).
 
     new_keys are the distinct absent keys in ascending order; the r-th gets free_rows[r] while
     they last, then next_row + r - len(free_rows). Sentinel keys get -1 and are not inserted.
-    Raises if the table had no free slot for a new key (the caller grows it beforehand); the
-    fused path then erases what it claimed. The fused path relies on stored values (rows)
-    being >= 0 and free slots holding -1, as every kernel and HashIndex keep them.
+    row_keys must already have a row for every row this can hand out. Raises if the table had
+    no free slot for a new key (the caller grows it beforehand); the fused path then turns its
+    pending claims into tombstones, so no half-made key stays.
     """
-    cmask = _check(slot_keys, slot_vals, keys, free_rows)
+    cmask = _check(slots, row_keys, keys, free_rows)
     n = keys.numel()
     if not fused:
-        out = find(slot_keys, slot_vals, keys)
+        out = find(slots, row_keys, keys)
         miss = (out < 0) & (keys != EMPTY_KEY) & (keys != TOMBSTONE_KEY)
         idx = miss.nonzero().squeeze(1)
         uniq, inv = torch.unique(keys[idx], sorted=True, return_inverse=True)
         rows = _rows_for(uniq.numel(), free_rows, next_row)
-        insert(slot_keys, slot_vals, uniq, rows)
+        insert(slots, row_keys, uniq, rows)
         out[idx] = rows[inv]
         return out, uniq, rows
     if not n:
@@ -422,20 +460,21 @@ def find_or_insert(slot_keys: torch.Tensor, slot_vals: torch.Tensor, keys: torch
     pos = torch.empty_like(keys)
     fresh = torch.empty(n, dtype=torch.int8, device=dev)
     new_keys = torch.empty_like(keys)
+    new_index = torch.empty_like(keys)
     counter = torch.zeros(2, dtype=torch.int32, device=dev)
-    _run(_find_or_claim_kernel, n, slot_keys, slot_vals, keys, out, pos, fresh, new_keys, counter,
+    _run(_find_or_claim_kernel, n, slots, row_keys, keys, out, pos, fresh, new_keys, new_index, counter,
          _scratch(n, dev), n, cmask, cmask + 1, _max_claim_steps(cmask), G=_group(cmask))
     # The one host sync. Sorting only the new keys after it beats sorting a padded batch-sized
     # list without it when few keys are new (the usual case in training: the sort's launches,
     # not its bytes, dominate on the host), and it was no slower at half the batch new.
     n_new, lost = counter.tolist()
     if lost:
-        erase(slot_keys, slot_vals, new_keys[:n_new])  # undo the claims: no half-made keys stay
+        slots[slots <= -3] = TOMBSTONE_SLOT  # undo the pending claims: no half-made keys stay
         raise RuntimeError(f"hash index full: {lost} keys found no free slot")
     new_keys, order = torch.sort(new_keys[:n_new])
     new_rows = torch.empty_like(new_keys)
     if n_new:
         rank_of = torch.empty_like(order).scatter_(0, order, torch.arange(n_new, device=dev))
-        _run(_finish_kernel, n, slot_vals, pos, fresh, rank_of, free_rows, free_rows.numel(),
-             next_row, out, new_rows, n)
+        _run(_finish_kernel, n, slots, row_keys, keys, pos, fresh, new_index, rank_of, free_rows,
+             free_rows.numel(), next_row, out, new_rows, n)
     return out, new_keys, new_rows
