@@ -30,6 +30,9 @@ from liverec.model.recommender import SequentialRecommender
 
 #: Catalog rows the distillation compares retrieval logits over, per step (like `fit_codec`).
 ITEMS_PER_STEP = 512
+#: Users an auxiliary step trains on (a random subset of the batch's): bounds the step's cost,
+#: which for `collective` is routing every position over its pools.
+USERS_PER_STEP = 64
 #: `collective`'s int8 scales follow each batch's codes with this momentum (a batch has few rows).
 CALIBRATION_MOMENTUM = 0.9
 
@@ -56,6 +59,7 @@ class CodecTrainer:
             assert isinstance(self.live, CollectiveCodec)
             self.live.collective.init_from([cache], seed=self.seed)
             self.initialised = True
+        cache = self._subset(cache)
         item_rows = self._item_rows(model, catalog)
         frozen = [p for p in model.parameters() if p.requires_grad]
         was_training = model.training
@@ -79,6 +83,14 @@ class CodecTrainer:
                 pool.calibrate(pool.features(cache)[cache.valid], momentum=CALIBRATION_MOMENTUM)
         self.steps += 1
         return float(loss.detach())
+
+    def _subset(self, cache: KVCache) -> KVCache:
+        users = cache.valid.shape[0]
+        if users <= USERS_PER_STEP:
+            return cache
+        pick = torch.randperm(users, generator=self.generator)[:USERS_PER_STEP].sort().values.to(cache.valid.device)
+        layers = [(k[pick], v[pick]) for k, v in cache.layers]
+        return KVCache(layers, cache.valid[pick], cache.next_pos[pick])
 
     def _item_rows(self, model: SequentialRecommender, catalog: Tensor) -> Tensor | None:
         if not len(catalog):
