@@ -35,6 +35,8 @@ class TrainBatch:
     loss_mask `[B, L]` bool, which targets (events 1..L) count; default: every valid event that
               has a valid event right before it. Online training sets it to the new events only.
     start_pos `[B]` long, absolute position of each row's first valid event (default 0).
+    full_catalog: the negatives are every item of the catalog (with log_q_neg = -log(catalog)):
+              the softmax is then exact, so in-batch negatives are not added whatever the config.
     """
 
     item_emb: Tensor
@@ -47,6 +49,7 @@ class TrainBatch:
     log_q_neg: Tensor
     loss_mask: Tensor | None = None
     start_pos: Tensor | None = None
+    full_catalog: bool = False
 
 
 class Losses(NamedTuple):
@@ -96,7 +99,7 @@ class SequentialRecommender(nn.Module):
             batch.neg_ids,
             batch.log_q[:, 1:][mask],
             batch.log_q_neg,
-            in_batch=cfg.in_batch_negatives,
+            in_batch=cfg.in_batch_negatives and not batch.full_catalog,
             temperature=cfg.temperature,
         )
 

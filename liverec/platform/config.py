@@ -129,6 +129,10 @@ class TrainerConfig:
     batch_events: int = 256
     batch_max_ms: int = 200
     negatives: int = 256
+    full_softmax_items: int = 0
+    history_loss: bool = False
+    steps_per_batch: int = 1
+    replay_users: int = 0
     dense_lr: float = 1e-3
     item_lr: float = 0.05
     min_count: int = 1
@@ -144,10 +148,12 @@ class TrainerConfig:
     metrics_port: int = 9400
 
     def __post_init__(self) -> None:
-        for name in ("batch_events", "batch_max_ms", "negatives", "checkpoint_every_events",
+        for name in ("batch_events", "batch_max_ms", "negatives", "steps_per_batch", "checkpoint_every_events",
                      "checkpoints_kept", "expire_every_events", "min_count"):
             _require(getattr(self, name) >= 1, f"trainer.{name}", "must be >= 1")
         _require(self.dense_lr > 0, "trainer.dense_lr", "must be > 0")
+        _require(self.full_softmax_items >= 0, "trainer.full_softmax_items", "must be >= 0")
+        _require(self.replay_users >= 0, "trainer.replay_users", "must be >= 0")
         _require(self.item_lr > 0, "trainer.item_lr", "must be > 0")
         _require(self.checkpoint_every_s > 0, "trainer.checkpoint_every_s", "must be > 0")
         _require(self.publish_every_s > 0, "trainer.publish_every_s", "must be > 0")

@@ -56,7 +56,7 @@ from liverec.platform.replay import rebase_times
 from liverec.trainer.decode import EventBatch
 from liverec.trainer.history import HistoryStore
 from liverec.trainer.items import ITEM_TABLE, StoreItemTable
-from liverec.trainer.learner import OnlineLearner
+from liverec.trainer.learner import OnlineLearner, draw_negatives
 from liverec.trainer.worker import item_table_config
 
 MISS = 2**31  # rank of a target that cannot be ranked (no row): a miss at every k, MRR ~ 0
@@ -330,7 +330,9 @@ def train_online(train: EventTable, config: LiverecConfig, seed: int, workdir: P
     store = EmbeddingStore([item_table_config(config)], seed=seed)
     history = HistoryStore(workdir / "history", config.model.encoder.max_len)
     learner = OnlineLearner(config.model, StoreItemTable(store), history, negatives=tc.negatives,
-                            dense_lr=tc.dense_lr, seed=seed)
+                            dense_lr=tc.dense_lr, seed=seed, history_loss=tc.history_loss,
+                            steps=tc.steps_per_batch, full_softmax_items=tc.full_softmax_items,
+                            replay_users=tc.replay_users)
     sums = np.zeros(5)
     try:
         for start in range(0, len(train), tc.batch_events):
@@ -359,6 +361,8 @@ class OfflineOptions:
     lr_scale: float = 1.0
     #: Cosine decay of the dense learning rate to 0 over the epochs (else constant).
     cosine: bool = True
+    #: The encoder's dropout while training offline (None: `model.encoder.dropout`, as online).
+    dropout: float | None = None
 
 
 def log_frequency(keys: Tensor, counts: Tensor, items: Tensor) -> Tensor:
@@ -379,7 +383,11 @@ def train_offline(train: EventTable, config: LiverecConfig, seed: int, options: 
     now_s = int(train.event_time_ms[-1]) // 1000 if len(train) else 0
     items.observe(torch.from_numpy(np.array(train.item_id)), now_s)  # admission + true counts
     torch.manual_seed(seed)
-    model = SequentialRecommender(config.model)
+    model_config = config.model
+    if options.dropout is not None:
+        model_config = dataclasses.replace(model_config, encoder=dataclasses.replace(model_config.encoder,
+                                                                                      dropout=options.dropout))
+    model = SequentialRecommender(model_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.dense_lr * options.lr_scale)
     windows = training_windows(train.per_user_sequences(), config.model.encoder.max_len)
     steps_per_epoch = max(1, math.ceil(len(windows) / options.batch_windows))
@@ -392,7 +400,8 @@ def train_offline(train: EventTable, config: LiverecConfig, seed: int, options: 
     for epoch in range(options.epochs):
         losses = []
         for batch in np.array_split(rng.permutation(len(windows)), steps_per_epoch):
-            loss = _offline_step(model, optimizer, items, windows.take(batch), tc.negatives, generator, now_s)
+            loss = _offline_step(model, optimizer, items, windows.take(batch), tc.negatives, tc.full_softmax_items,
+                                 generator, now_s)
             schedule.step()
             if not math.isnan(loss):
                 losses.append(loss)
@@ -402,17 +411,18 @@ def train_offline(train: EventTable, config: LiverecConfig, seed: int, options: 
 
 
 def _offline_step(model: SequentialRecommender, optimizer: torch.optim.Optimizer, items: StoreItemTable,
-                  w: Histories, negatives: int, generator: torch.Generator, now_s: int) -> float:
+                  w: Histories, negatives: int, full_softmax_items: int, generator: torch.Generator,
+                  now_s: int) -> float:
     keys, _weights, counts = items.catalog()
     if len(keys) == 0:
         return math.nan
     ids = torch.from_numpy(w.items)
     emb = items.embed(ids.reshape(-1)).reshape(*ids.shape, -1)
-    neg_ids = keys[torch.randint(len(keys), (negatives,), generator=generator)]
+    neg_ids, full = draw_negatives(keys, negatives, full_softmax_items, generator)
     batch = TrainBatch(item_emb=emb, item_ids=ids, actions=torch.from_numpy(w.actions),
                        valid=torch.from_numpy(w.valid), log_q=log_frequency(keys, counts, ids),
                        neg_emb=items.embed(neg_ids), neg_ids=neg_ids,
-                       log_q_neg=torch.full((negatives,), -math.log(len(keys))))
+                       log_q_neg=torch.full((len(neg_ids),), -math.log(len(keys))), full_catalog=full)
     losses = model(batch)
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(losses.total):

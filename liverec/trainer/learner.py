@@ -121,6 +121,10 @@ def build_windows(users: np.ndarray, histories: list[History], batch: EventBatch
     return Windows(items, actions, valid, is_new)
 
 
+def concat_windows(a: Windows, b: Windows) -> Windows:
+    return Windows(*(np.concatenate((getattr(a, f), getattr(b, f))) for f in ("items", "actions", "valid", "is_new")))
+
+
 def catalog_ranks(scores: Tensor, catalog_keys: Tensor, targets: Tensor) -> Tensor:
     """Rank of each target among `scores [B, M]` over `catalog_keys`; a target with no row misses."""
     sorted_keys, perm = torch.sort(catalog_keys)
@@ -133,11 +137,24 @@ def catalog_ranks(scores: Tensor, catalog_keys: Tensor, targets: Tensor) -> Tens
     return torch.where(found, ranks, torch.full_like(ranks, 2**31))
 
 
+def draw_negatives(keys: Tensor, negatives: int, full_softmax_items: int, generator: torch.Generator) -> tuple[Tensor, bool]:
+    """(negative ids, whether they are the whole catalog).
+
+    A catalog of at most `full_softmax_items` items is taken whole, in a random order (the
+    ranking head reads the first few as its uniform negatives): the softmax is then exact.
+    Otherwise `negatives` ids are drawn uniformly with replacement.
+    """
+    if len(keys) <= full_softmax_items:
+        return keys[torch.randperm(len(keys), generator=generator)], True
+    return keys[torch.randint(len(keys), (negatives,), generator=generator)], False
+
+
 class OnlineLearner:
     """Model + dense optimizer + item table + histories; `step` learns from one micro-batch."""
 
     def __init__(self, model_config: ModelConfig, items: ItemTable, history: HistoryStore, *,
-                 negatives: int, dense_lr: float, seed: int, device: torch.device | str = "cpu") -> None:
+                 negatives: int, dense_lr: float, seed: int, history_loss: bool = False, steps: int = 1,
+                 full_softmax_items: int = 0, replay_users: int = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         torch.manual_seed(seed)
         self.model = SequentialRecommender(model_config).to(self.device)
@@ -145,6 +162,11 @@ class OnlineLearner:
         self.items = items
         self.history = history
         self.negatives = negatives
+        self.history_loss = history_loss
+        self.steps = steps
+        self.full_softmax_items = full_softmax_items
+        self.replay_users = replay_users
+        self._known: np.ndarray | None = None  # sorted ids of the users with a history; read lazily
         self.max_len = model_config.encoder.max_len
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.version = 0
@@ -187,14 +209,14 @@ class OnlineLearner:
         emb = self.items.embed(items.reshape(-1)).reshape(*items.shape, -1)
         total = counts.sum().clamp(min=1).float()
         log_freq = self._log_freq(keys, counts, total, items)
-        neg_idx = torch.randint(len(keys), (self.negatives,), generator=self.generator).to(self.device)
-        neg_ids = keys[neg_idx]
+        neg_ids, full = draw_negatives(keys, self.negatives, self.full_softmax_items, self.generator)
+        neg_ids = neg_ids.to(self.device)
         batch = TrainBatch(
             item_emb=emb, item_ids=items, actions=torch.from_numpy(w.actions).to(self.device),
             valid=torch.from_numpy(w.valid).to(self.device), log_q=log_freq,
             neg_emb=self.items.embed(neg_ids), neg_ids=neg_ids,
-            log_q_neg=torch.full((self.negatives,), -math.log(len(keys)), device=self.device),
-            loss_mask=torch.from_numpy(loss_mask).to(self.device),
+            log_q_neg=torch.full((len(neg_ids),), -math.log(len(keys)), device=self.device),
+            loss_mask=torch.from_numpy(loss_mask).to(self.device), full_catalog=full,
         )
         clock.lap("store")
         losses = self.model(batch)
@@ -205,6 +227,42 @@ class OnlineLearner:
         self.items.step(now_s)
         clock.lap("store")
         return float(losses.total.detach())
+
+    def _known_users(self) -> np.ndarray:
+        """Sorted ids of every user with a stored history (read once from the store, e.g. after a
+        restore, then kept up to date), so replay draws from a set a checkpoint reproduces."""
+        if self._known is None:
+            self._known = np.sort(np.fromiter((user for user, _ in self.history.items()), np.int64))
+        return self._known
+
+    def _remember(self, users: np.ndarray) -> None:
+        known = self._known_users()
+        pos = np.searchsorted(known, users)
+        new = users[(pos >= len(known)) | (known[np.minimum(pos, max(len(known) - 1, 0))] != users)] \
+            if len(known) else users
+        if len(new):
+            self._known = np.insert(known, np.searchsorted(known, new), new)
+
+    def _replay_windows(self, users: np.ndarray) -> Windows | None:
+        """Stored windows of up to `replay_users` users drawn uniformly from the known users (not
+        in this batch), trained on every position alongside the batch: one pass over the stream
+        still trains each event many times, on batches mixing many users instead of a burst of one."""
+        if self.replay_users == 0 or len(self._known_users()) == 0:
+            return None
+        known = self._known_users()
+        pick = torch.randint(len(known), (self.replay_users,), generator=self.generator).numpy()
+        chosen = np.unique(known[pick])
+        chosen = chosen[~np.isin(chosen, users)]
+        if len(chosen) == 0:
+            return None
+        width = self.max_len + 1
+        items, actions = np.zeros((len(chosen), width), np.int64), np.zeros((len(chosen), width), np.int64)
+        valid = np.zeros((len(chosen), width), bool)
+        for i, hist in enumerate(self.history.get_many(chosen)):
+            n = min(len(hist), width)
+            items[i, width - n:], actions[i, width - n:] = hist.item[-n:], hist.action[-n:]
+            valid[i, width - n:] = True
+        return Windows(items, actions, valid, np.zeros_like(valid))
 
     @staticmethod
     def _log_freq(keys: Tensor, counts: Tensor, total: Tensor, items: Tensor) -> Tensor:
@@ -231,8 +289,15 @@ class OnlineLearner:
         now_s = int(batch.event_time_ms.max()) // 1000
         self.items.observe(torch.from_numpy(np.ascontiguousarray(batch.item_id)).to(self.device), now_s)
         clock.lap("store")
-        loss = self._train(w, targets_mask, now_s, clock)
+        loss_mask = w.valid[:, 1:] & w.valid[:, :-1] if self.history_loss else targets_mask
+        replay = self._replay_windows(users)
+        if replay is not None:
+            w, loss_mask = concat_windows(w, replay), np.concatenate((loss_mask, replay.valid[:, 1:] & replay.valid[:, :-1]))
+        clock.lap("history")
+        for _ in range(self.steps):
+            loss = self._train(w, loss_mask, now_s, clock)
         self.history.append(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
+        self._remember(users)
         clock.lap("history")
         self.version += 1
         return StepResult(len(batch), scored, hits, ndcg_sum, pop_hits, pop_ndcg, loss, clock.seconds)
