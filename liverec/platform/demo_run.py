@@ -397,13 +397,6 @@ def _run(config: LiverecConfig, args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"liverec demo: --codec: {exc}", file=sys.stderr)
             return 2
-    from liverec.model.codecs.registry import codec_from_config
-
-    if codec_from_config(codec, config.model, **config.state.params).module is not None:
-        print(f"liverec demo: codec {codec!r} has learned parts the online trainer does not train yet; "
-              "use full, int8, window or pages (`liverec bench state` measures them all)", file=sys.stderr)
-        return 2
-
     try:
         table, dataset_name, dataset_note = load_stream(args)
     except (DatasetFormatError, FileNotFoundError, ValueError) as exc:
