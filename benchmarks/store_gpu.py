@@ -15,9 +15,10 @@ Setup (issue 3): a table of 2^27 slots filled to load 0.5 and 0.75 (67M and 101M
   collision module does per lookup (index only: no value gather, no hit check).
 - NVIDIA HierarchicalKV's published A100 figures, quoted as constants (not measured here).
 - bandwidth: a device-to-device copy measured in the same run (bytes read + written). Each
-  op's fraction counts 32 bytes per key (read the key, read its slot key and value, write the
-  row): the least a hash lookup must move; random 8-byte reads really cost a 32-byte sector
-  each, so `sector_fraction` counts 80 bytes (2 sectors + the streamed key and result).
+  op's fraction counts 28 bytes per key (read the key, its int32 slot and its row's key, write
+  the row): the least a lookup in this layout must move; random reads really cost a 32-byte
+  sector each, so `sector_fraction` counts 80 bytes (2 sectors + the streamed key and result).
+- Layout (format 2): int32 slots of row ids, keys per row (`row_keys`); see kernels/__init__.py.
 Times are CUDA-event medians over repeats after warm-up.
 """
 
@@ -40,7 +41,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results" / "store_gpu.json"
 HKV_A100 = {"find": (2.0, 2.5), "find_or_insert": (0.6, 1.1)}  # G keys/s, published, A100
 TARGETS = {"find": 5.0, "find_or_insert": 2.0}  # G keys/s, issue 3
-LOGICAL_BYTES = 32
+LOGICAL_BYTES = 28
 _DEVICE = "cuda"
 _LAST_SAMPLES: list[float] = []
 SECTOR_BYTES = 80
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     from liverec.embedding_store.hash_index import HashIndex
-    from liverec.embedding_store.kernels import EMPTY_KEY
+    from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, SLOT_DTYPE
     from liverec.embedding_store.kernels import cuda as K
 
     dev = torch.device(_DEVICE, torch.cuda.current_device()) if _DEVICE == "cuda" else torch.device("cpu")
@@ -190,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = _random_keys(n_max + batch, dev, gen)
     pool, fresh = keys[:n_max], keys[n_max:]  # fresh keys are never in the table
     weights = torch.randn(n_max, args.dim, device=dev, generator=gen)
-    slot_keys = torch.full((capacity,), EMPTY_KEY, dtype=torch.int64, device=dev)
-    slot_vals = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
+    slots = torch.full((capacity,), EMPTY_SLOT, dtype=SLOT_DTYPE, device=dev)
+    row_keys = torch.full((n_max + batch,), EMPTY_KEY, dtype=torch.int64, device=dev)
 
     rows: list[dict[str, object]] = []
     sweep: list[dict[str, object]] = []
@@ -200,17 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         n = int(load * capacity)
         # Bulk insert of the chunk that brings the table to this load (row = position in pool).
         chunk, chunk_rows = pool[filled:n], torch.arange(filled, n, device=dev)
-        spare_keys, spare_vals = slot_keys.clone(), slot_vals.clone()  # warm-up (compile) on a copy
+        spare_keys, spare_vals = slots.clone(), row_keys.clone()  # warm-up (compile) on a copy
         K.insert(spare_keys, spare_vals, chunk, chunk_rows)
         del spare_keys, spare_vals
-        bulk_ms = _time(lambda: K.insert(slot_keys, slot_vals, chunk, chunk_rows), 1, warmup=0)
+        bulk_ms = _time(lambda: K.insert(slots, row_keys, chunk, chunk_rows), 1, warmup=0)
         filled = n
         live = pool[:n]
         sorted_keys, order = torch.sort(live)
 
         query_sets = [live[torch.randint(0, n, (batch,), device=dev, generator=gen)] for _ in range(4)]
         expect = torch.searchsorted(sorted_keys, query_sets[0])
-        assert torch.equal(K.find(slot_keys, slot_vals, query_sets[0]), order[expect]), "find is wrong"
+        assert torch.equal(K.find(slots, row_keys, query_sets[0]), order[expect]), "find is wrong"
 
         it = iter(range(1 << 30))
 
@@ -232,31 +233,31 @@ def main(argv: list[str] | None = None) -> int:
         best = None
         for blk, warps, group in configs:
             K.BLOCK, K.NUM_WARPS, K.GROUP = blk, warps, group
-            ms = _time(rotating(lambda q: K.find(slot_keys, slot_vals, q)), reps)
+            ms = _time(rotating(lambda q: K.find(slots, row_keys, q)), reps)
             sweep.append({"op": "find", "load_factor": load, "BLOCK": blk, "num_warps": warps,
                           "GROUP": group, "G_keys_per_s": round(batch / ms / 1e6, 3)})
             if best is None or ms < best[0]:
                 best = (ms, blk, warps, group)
         assert best is not None
         K.BLOCK, K.NUM_WARPS, K.GROUP = best[1:]
-        ms = _time(rotating(lambda q: K.find(slot_keys, slot_vals, q)), reps)  # the winner, again
+        ms = _time(rotating(lambda q: K.find(slots, row_keys, q)), reps)  # the winner, again
         rows.append(_row("find", "kernels.cuda.find", load, batch, ms, ss_rate, bandwidth,
                          keys_in_table=n, BLOCK=best[1], num_warps=best[2], GROUP=best[3]))
-        ms = _time(rotating(lambda q: weights[K.find(slot_keys, slot_vals, q)]), reps)
+        ms = _time(rotating(lambda q: weights[K.find(slots, row_keys, q)]), reps)
         row_bytes = 2 * args.dim * weights.element_size() + LOGICAL_BYTES  # row read + written
         rows.append(_row("find+gather", f"find + weights[rows] (dim {args.dim}, fp32)", load, batch, ms,
                          ss_rate, bandwidth, keys_in_table=n,
                          row_bandwidth_fraction=round(batch * row_bytes / (ms * 1e6) / bandwidth, 4)))
 
-        snap_keys, snap_vals = slot_keys.clone(), slot_vals.clone()
+        snap_keys, snap_vals = slots.clone(), row_keys.clone()
         index = HashIndex.from_items(live, torch.arange(n, device=dev), high_water=n, capacity=capacity,
                                      max_load=0.9, device=dev)
         state = _snapshot(index)
         no_free = torch.empty(0, dtype=torch.int64, device=dev)
 
         def restore() -> None:
-            slot_keys.copy_(snap_keys)
-            slot_vals.copy_(snap_vals)
+            slots.copy_(snap_keys)
+            row_keys.copy_(snap_vals)
 
         find_cfg = (K.BLOCK, K.NUM_WARPS, K.GROUP)
         for hit in hits:
@@ -265,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                                fresh[: batch - n_hit]])
             mixed = mixed[torch.randperm(batch, device=dev, generator=gen)]
             restore()
-            ref, ref_new, _ = K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=False)
+            ref, ref_new, _ = K.find_or_insert(slots, row_keys, mixed, no_free, n, fused=False)
             restore()
-            got, got_new, _ = K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=True)
+            got, got_new, _ = K.find_or_insert(slots, row_keys, mixed, no_free, n, fused=True)
             assert torch.equal(ref, got) and torch.equal(ref_new, got_new), "fused path disagrees"
             new_rank = torch.searchsorted(ref_new, mixed)
             is_new = ref >= n
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 best_foi = None
                 for blk, warps, group in foi_configs:
                     K.BLOCK, K.NUM_WARPS, K.GROUP = blk, warps, group
-                    ms = _time(lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n), reps,
+                    ms = _time(lambda: K.find_or_insert(slots, row_keys, mixed, no_free, n), reps,
                                setup=restore)
                     sweep.append({"op": "find_or_insert", "load_factor": load, "hit_fraction": hit,
                                   "BLOCK": blk, "num_warps": warps, "GROUP": group,
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 assert best_foi is not None
             for fused in (True, False):
                 K.BLOCK, K.NUM_WARPS, K.GROUP = best_foi[1:] if fused else find_cfg
-                ms = _time(lambda f=fused: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=f),
+                ms = _time(lambda f=fused: K.find_or_insert(slots, row_keys, mixed, no_free, n, fused=f),
                            reps, setup=restore)
                 rows.append(_row("find_or_insert", f"kernels.cuda.find_or_insert(fused={fused})", load,
                                  batch, ms, ss_rate, bandwidth, keys_in_table=n, hit_fraction=hit,
@@ -304,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
                              new_keys=int(ref_new.numel())))
             reset = lambda: (restore(), _restore_state(index, state))  # noqa: E731
             K.BLOCK, K.NUM_WARPS, K.GROUP = best_foi[1:]
-            busy = _profile({"fused": lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n)},
+            busy = _profile({"fused": lambda: K.find_or_insert(slots, row_keys, mixed, no_free, n)},
                             reset, f"load {load} hit {hit}", args.profile)
             K.BLOCK, K.NUM_WARPS, K.GROUP = find_cfg
             busy.update(_profile({
-                "unfused": lambda: K.find_or_insert(slot_keys, slot_vals, mixed, no_free, n, fused=False),
+                "unfused": lambda: K.find_or_insert(slots, row_keys, mixed, no_free, n, fused=False),
                 "HashIndex": lambda: index.find_or_insert(mixed),
             }, reset, f"load {load} hit {hit}", args.profile))
             for row, name in zip(rows[-3:], ("fused", "unfused", "HashIndex")):

@@ -37,6 +37,7 @@ import math
 import torch
 
 from liverec.embedding_store.hashing import derive_seed, shift_right_logical, splitmix64
+from liverec.embedding_store.kernels import cpu_step
 
 COUNTER_CAP = 255
 COUNTER_DTYPE = torch.uint8
@@ -79,6 +80,10 @@ class CountMinSketch:
         each key's estimate. The caller that has already deduplicated passes the counts, which
         touches depth cells per distinct key instead of per occurrence."""
         added = keys.numel() if counts is None else int(counts.sum())
+        if self.device.type == "cpu" and counts is not None:  # distinct keys: the compiled pass
+            self.total += added
+            return cpu_step.sketch_add_estimate(self.counters, keys, counts, seed=self._seed, width=self.width,
+                                                depth=self.depth, cap=COUNTER_CAP)
         cells = self._cells(keys).flatten()
         increments = (
             torch.ones_like(cells, dtype=torch.int32) if counts is None

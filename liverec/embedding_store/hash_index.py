@@ -21,7 +21,7 @@ Growth: before an insert, if live keys plus tombstones plus the new keys would p
 the index rehashes into a larger power of two (or the same size, if tombstones were the
 problem). Tombstones are counted conservatively (an insert may silently reuse one, the kernel
 contract does not report it), so a rehash can come a little early but never late: a probe
-always ends at an EMPTY slot. `row_keys` grows by a quarter (or to what is needed) when rows
+always ends at an EMPTY slot. `row_keys` grows by half (or to what is needed) when rows
 run out, the same policy as the table's other per-row columns (`grown_rows`).
 """
 
@@ -33,10 +33,10 @@ from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, SLOT_DTYPE, T
 
 
 def grown_rows(current: int, needed: int) -> int:
-    """Row capacity after growing from `current` to hold `needed` rows: a quarter more at least,
-    so copies stay amortised (each row is copied about four times over the table's growth)
-    while the unused tail stays small."""
-    return max(needed, current + max(current // 4, 1))
+    """Row capacity after growing from `current` to hold `needed` rows: half more at least, so
+    copies stay amortised (each row is copied about twice over the table's growth, against once
+    for doubling) while the unused tail stays at most a third of the rows."""
+    return max(needed, current + max(current // 2, 1))
 
 
 def check_keys(keys: torch.Tensor, device: torch.device) -> None:

@@ -11,8 +11,8 @@ Bytes per row beyond weights and optimizer state (what `stats()` reports, by com
 - index, 4 per slot: int32 row ids at load <= max_load (default 0.75), so 4 / load per key
   (5.3 at 0.75, 10.7 right after a doubling); plus 8 per free row (the free list);
 - admission sketch, fixed: depth x width uint8 counters (see admission.py), shared by all rows.
-Per-row tensors grow by a quarter at a time (`grown_rows`), so at most a fifth of the allocated
-rows are an unused tail.
+Per-row tensors grow by half at a time (`grown_rows`), so at most a third of the allocated rows
+are an unused tail.
 
 Train lookups follow the Monolith lifecycle:
 
@@ -42,7 +42,7 @@ from liverec.embedding_store.dirty import ChangeLog
 from liverec.embedding_store.hash_index import HashIndex, check_keys, grown_rows
 from liverec.embedding_store.hashing import derive_seed
 from liverec.embedding_store.initializer import initial_rows
-from liverec.embedding_store.kernels import EMPTY_KEY
+from liverec.embedding_store.kernels import EMPTY_KEY, cpu_step
 
 COUNT_CAP = 2**30
 # Last-update times are stored as int32 seconds from this base (2023-11-14T22:13:20Z): event
@@ -173,19 +173,18 @@ class Table:
             raise ValueError("a train lookup needs now_s, the batch's event time in seconds")
         check_keys(keys, self.device)
         _check_time(now_s)
-        distinct, inverse, occurrences = torch.unique(keys, return_inverse=True, return_counts=True)
-        distinct_rows = self.index.find(distinct)
+        if self.device.type == "cpu":
+            distinct, inverse, occurrences, distinct_rows = cpu_step.dedup_find(self.index.slots, self.index.row_keys,
+                                                                                keys)
+        else:
+            distinct, inverse, occurrences = torch.unique(keys, return_inverse=True, return_counts=True)
+            distinct_rows = self.index.find(distinct)
         missing = distinct_rows < 0
         if bool(missing.any()):
             self._admit(distinct, occurrences, distinct_rows, missing, int(now_s))
-            absent = distinct_rows < 0
-            self.counters["filtered"] += int(occurrences[absent].sum())
-            present = ~absent
-            hit_rows, hit_occurrences = distinct_rows[present], occurrences[present]
-        else:
-            hit_rows, hit_occurrences = distinct_rows, occurrences
-        self._touch(hit_rows, hit_occurrences, int(now_s))
-        self._pins.append(hit_rows)
+            self.counters["filtered"] += int(occurrences[distinct_rows < 0].sum())
+        self._touch(distinct_rows, occurrences, int(now_s))
+        self._pins.append(distinct_rows)
         rows = distinct_rows.index_select(0, inverse)
         self._dedup = _Dedup(rows, distinct_rows, inverse)
         return rows
@@ -223,6 +222,7 @@ class Table:
             eligible = torch.nonzero(estimates >= self.config.min_count).flatten()
         if eligible.numel() == 0:
             return
+        eligible = eligible[torch.argsort(missed[eligible])]  # new keys take rows in key order
         eligible = eligible[: self._make_room(eligible.numel(), in_use=rows)]
         if eligible.numel() == 0:
             return
@@ -244,7 +244,15 @@ class Table:
         self._changed(rows)
 
     def _touch(self, rows: torch.Tensor, occurrences: torch.Tensor, now_s: int) -> None:
-        """Count (saturating) and time-stamp unique `rows`, seen `occurrences` times each."""
+        """Count (saturating) and time-stamp unique `rows` (-1: none, skipped), seen `occurrences`
+        times each."""
+        if self.device.type == "cpu":
+            cpu_step.touch(self.counts, self.last_update, rows, occurrences, now_s - TIME_BASE_S, COUNT_CAP)
+            if self.logs:
+                self._changed(rows[rows >= 0])
+            return
+        present = rows >= 0
+        rows, occurrences = rows[present], occurrences[present]
         if rows.numel() == 0:
             return
         counts = (self.counts.index_select(0, rows) + occurrences).clamp_max_(COUNT_CAP)
@@ -270,8 +278,12 @@ class Table:
         self._dedup = None
         if dedup is None:
             distinct_rows, inverse = torch.unique(rows, return_inverse=True)
+        elif self.device.type == "cpu":
+            distinct_rows, inverse = dedup.distinct_rows, dedup.inverse
         else:
             distinct_rows, inverse = _sorted(dedup.distinct_rows, dedup.inverse)
+        if self.device.type == "cpu" and self.weights.dtype == torch.float32:
+            return self._apply_compiled(distinct_rows, inverse, grads)
         summed = torch.zeros(distinct_rows.numel(), self.config.dim, dtype=torch.float32, device=self.device)
         summed.scatter_add_(0, inverse.unsqueeze(1).expand(-1, self.config.dim), grads.float())
         present = distinct_rows >= 0
@@ -283,6 +295,16 @@ class Table:
             distinct_rows, summed = distinct_rows[keep], summed[keep]
         optimizers.update(self.config, self.weights, self.state, distinct_rows, summed)
         self._changed(distinct_rows)
+        return rejected
+
+    def _apply_compiled(self, distinct_rows: torch.Tensor, inverse: torch.Tensor, grads: torch.Tensor) -> int:
+        c = self.config
+        rejected_rows = cpu_step.apply_gradients(c.optimizer, self.weights, self.state, distinct_rows, inverse, grads,
+                                                 lr=c.lr, eps=c.eps, beta1=c.beta1, beta2=c.beta2)
+        rejected = int(rejected_rows.sum())
+        self.counters["rejected_gradients"] += rejected
+        if self.logs:
+            self._changed(distinct_rows[(distinct_rows >= 0) & ~rejected_rows])
         return rejected
 
     def _check_grads(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
@@ -342,7 +364,7 @@ class Table:
     def _unpinned_live_mask(self) -> torch.Tensor:
         live = self.keys_by_row[: self.index.high_water] != EMPTY_KEY
         for rows in self._pins:
-            live[rows] = False
+            live[rows[rows >= 0]] = False
         return live
 
     def _remove(self, rows: torch.Tensor, reason: str) -> None:
