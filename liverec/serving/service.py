@@ -1,12 +1,15 @@
 """The gRPC face of a serving replica: `liverec.v1.Recommender`, health, reflection, batching.
 
-Each Recommend call is validated on its handler thread, then queued; one worker thread takes
-batches of up to `max_batch` requests (waiting at most `max_wait_ms` after the oldest one
-arrived to fill a batch) and scores each batch with one backend call against one model
-snapshot, read once per batch so that no response mixes two parameter versions. Handler
-threads wait for their own answer until their deadline. Beyond `max_queue` waiting requests a
-call is refused at once with RESOURCE_EXHAUSTED: queueing it would only add latency the caller
-cannot see coming.
+The server is grpc.aio on an event loop of its own thread: a Recommend call is a coroutine that
+validates the request, queues it and awaits its answer until the deadline, so thousands of
+calls in flight cost no thread each. One worker thread takes batches of up to `max_batch`
+requests (waiting at most `max_wait_ms` after the oldest one arrived to fill a batch; with 0,
+whatever queued while the previous batch was scored) and scores each batch with one backend
+call against one model snapshot, read once per batch so that no response mixes two parameter
+versions; a whole batch's answers go back to the event loop in one hand-over. Two threads in
+all, rather than one per call: under load, Python threads that each wake for one request would
+fight the scorer for the interpreter lock. Beyond `max_queue` waiting requests a call is refused
+at once with RESOURCE_EXHAUSTED: queueing it would only add latency the caller cannot see coming.
 
 Health (grpc.health.v1) reports NOT_SERVING for "" and "liverec.v1.Recommender" until the
 backend says it is ready (it has a model and is caught up), and again from the start of a drain.
@@ -14,19 +17,21 @@ backend says it is ready (it has a model and is caught up), and again from the s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
 import time
 from collections import deque
-from concurrent import futures
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -36,10 +41,10 @@ from liverec.v1 import recommender_pb2, recommender_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
-DEADLINE_SLACK_S = 0.25  # see Pending.cancel
+DEADLINE_SLACK_S = 0.25  # see RecommenderService.Recommend
 READY_POLL_S = 0.1  # how often health re-reads backend.ready()
-THREAD_HEADROOM = 16  # handler threads beyond queue + batch: health, reflection, refusals
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -87,47 +92,36 @@ class ServingMetrics:
 
 @dataclass(eq=False)
 class Pending:
-    """One queued request; the first answer or failure settles it, later ones are ignored."""
+    """One queued request. Its future belongs to the event loop: only the loop settles it."""
 
     query: Query
     deadline: float  # time.monotonic() at which the caller's deadline passes
+    future: asyncio.Future[Answer]
     enqueued: float = field(default_factory=time.monotonic)
-    answer: Answer | None = None
-    failure: RpcFailure | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    abandoned: bool = False  # the call ended unanswered (deadline, cancellation): never score it
 
-    def _settle(self, answer: Answer | None, failure: RpcFailure | None) -> None:
-        with self._lock:
-            if not self.done.is_set():
-                self.answer, self.failure = answer, failure
-                self.done.set()
 
-    def resolve(self, answer: Answer) -> None:
-        self._settle(answer, None)
+Outcome = tuple[Pending, "Answer | RpcFailure"]
 
-    def fail(self, failure: RpcFailure) -> None:
-        self._settle(None, failure)
 
-    def cancel(self) -> None:
-        """gRPC's callback when the RPC ends; settles a request that is still unanswered.
+def _settle(outcomes: list[Outcome]) -> None:
+    """On the event loop: hand each waiting call its answer or failure (first outcome wins)."""
+    for pending, outcome in outcomes:
+        if not pending.future.done():
+            if isinstance(outcome, RpcFailure):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
 
-        A caller's deadline fires on its side first (by the request's transit time), and reaches
-        us as a cancellation: one that leaves less than DEADLINE_SLACK_S of our deadline counts
-        as DEADLINE_EXCEEDED, an earlier one as CANCELLED.
-        """
-        if self.deadline - time.monotonic() <= DEADLINE_SLACK_S:
-            self.fail(RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed while queued"))
-        else:
-            self.fail(RpcFailure(grpc.StatusCode.CANCELLED, "cancelled by the caller while queued"))
 
-    def result(self, timeout: float) -> Answer:
-        """Wait for the answer until the deadline; raises the request's failure instead."""
-        if not self.done.wait(timeout):
-            self.fail(RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was scored"))
-        if self.failure is not None:
-            raise self.failure
-        return self.answer  # type: ignore[return-value]  # settled without failure: answered
+def _deliver(outcomes: list[Outcome]) -> None:
+    """From any thread: settle outcomes on their loop in one hand-over (a closed loop: the calls
+    are gone, nobody waits for them)."""
+    if outcomes:
+        try:
+            outcomes[0][0].future.get_loop().call_soon_threadsafe(_settle, outcomes)
+        except RuntimeError:
+            pass
 
 
 class Batcher:
@@ -149,9 +143,9 @@ class Batcher:
     def start(self) -> None:
         self._worker.start()
 
-    def submit(self, query: Query, deadline: float) -> Pending:
+    def submit(self, query: Query, deadline: float, future: asyncio.Future[Answer]) -> Pending:
         """Queue a request, or refuse it now (queue full, or draining)."""
-        pending = Pending(query, deadline)
+        pending = Pending(query, deadline, future)
         with self._cond:
             if self._draining:
                 raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "replica is draining; retry on another replica")
@@ -178,17 +172,18 @@ class Batcher:
         whatever is still queued belongs to a call that is gone: it is failed, never scored."""
         with self._cond:
             self._draining = self._stopping = True
-            while self._queue:
-                self._queue.popleft().fail(RpcFailure(grpc.StatusCode.UNAVAILABLE, "server stopped"))
+            left = [(self._queue.popleft(), RpcFailure(grpc.StatusCode.UNAVAILABLE, "server stopped"))
+                    for _ in range(len(self._queue))]
             self._metrics.queue_depth.set(0)
             self._cond.notify()
+        _deliver(left)  # type: ignore[arg-type]
         if self._worker.is_alive():
             self._worker.join()
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
             try:
-                self._score(batch)
+                _deliver(self._score(batch))
             finally:
                 with self._cond:
                     self._busy = False
@@ -212,34 +207,29 @@ class Batcher:
             self._metrics.queue_depth.set(len(self._queue))
         return batch
 
-    def _score(self, batch: list[Pending]) -> None:
-        """Score the live requests of a batch against one snapshot; expired or cancelled ones never are."""
+    def _score(self, batch: list[Pending]) -> list[Outcome]:
+        """Outcomes of a batch: its live requests scored against one snapshot; expired or
+        abandoned ones never are."""
         now = time.monotonic()
-        for p in batch:
-            if now >= p.deadline:
-                p.fail(RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued"))
-        live = [p for p in batch if not p.done.is_set()]  # settled early: cancelled or expired
+        outcomes: list[Outcome] = [(p, RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued"))
+                                   for p in batch if now >= p.deadline and not p.abandoned]
+        live = [p for p in batch if now < p.deadline and not p.abandoned]
         if not live:
-            return
+            return outcomes
         self._metrics.batch_size.observe(len(live))
         try:
             snapshot = self._backend.snapshot()  # once per batch: one version for every answer in it
             if snapshot is None:
                 failure = RpcFailure(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
-                for p in live:
-                    p.fail(failure)
-                return
+                return outcomes + [(p, failure) for p in live]
             answers = self._backend.recommend(snapshot, [p.query for p in live])
             if len(answers) != len(live):
                 raise RuntimeError(f"backend returned {len(answers)} answers for {len(live)} queries")
         except Exception as exc:
             log.exception("scoring a batch of %d requests failed", len(live))
             failure = RpcFailure(grpc.StatusCode.INTERNAL, f"scoring failed: {type(exc).__name__}: {exc}")
-            for p in live:
-                p.fail(failure)
-            return
-        for p, answer in zip(live, answers):
-            p.resolve(answer)
+            return outcomes + [(p, failure) for p in live]
+        return outcomes + list(zip(live, answers))
 
 
 def _ids(values: object, name: str, limit: int) -> np.ndarray:
@@ -278,44 +268,59 @@ def response_from_answer(answer: Answer) -> recommender_pb2.RecommendResponse:
 
 
 class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
-    """liverec.v1.Recommender: validate, queue for the batcher, wait for the answer until the deadline."""
+    """liverec.v1.Recommender: validate, queue for the batcher, await the answer until the deadline."""
 
     def __init__(self, batcher: Batcher, config: ServingConfig, metrics: ServingMetrics) -> None:
         self._batcher = batcher
         self._config = config
         self._metrics = metrics
 
-    def Recommend(self, request: recommender_pb2.RecommendRequest,  # noqa: N802 (gRPC method name)
-                  context: grpc.ServicerContext) -> recommender_pb2.RecommendResponse:
+    async def Recommend(self, request: recommender_pb2.RecommendRequest,  # noqa: N802 (gRPC method name)
+                        context: grpc.aio.ServicerContext) -> recommender_pb2.RecommendResponse:
         started = time.perf_counter()
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + (remaining if remaining is not None else threading.TIMEOUT_MAX)
         try:
-            response = self._recommend(request, context)
+            response = await self._recommend(request, remaining, deadline)
         except RpcFailure as failure:
             self._metrics.finished("Recommend", failure.code, time.perf_counter() - started)
-            context.abort(failure.code, failure.message)
+            await context.abort(failure.code, failure.message)
+        except asyncio.CancelledError:
+            # The call ended under us. The caller's deadline fires on its side first (by the
+            # request's transit time) and reaches us as a cancellation: one that leaves less
+            # than DEADLINE_SLACK_S of our deadline counts as DEADLINE_EXCEEDED.
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if deadline - time.monotonic() <= DEADLINE_SLACK_S
+                    else grpc.StatusCode.CANCELLED)
+            self._metrics.finished("Recommend", code, time.perf_counter() - started)
+            raise
         self._metrics.finished("Recommend", grpc.StatusCode.OK, time.perf_counter() - started)
         if response.cold_start:
             self._metrics.cold_start.inc()
         return response
 
-    def _recommend(self, request: recommender_pb2.RecommendRequest,
-                   context: grpc.ServicerContext) -> recommender_pb2.RecommendResponse:
+    async def _recommend(self, request: recommender_pb2.RecommendRequest, remaining: float | None,
+                         deadline: float) -> recommender_pb2.RecommendResponse:
+        query = query_from_request(request, self._config)
+        pending = self._batcher.submit(query, deadline, asyncio.get_running_loop().create_future())
         try:
-            query = query_from_request(request, self._config)
-            remaining = min(context.time_remaining(), threading.TIMEOUT_MAX)
-            pending = self._batcher.submit(query, time.monotonic() + remaining)
-            if not context.add_callback(pending.cancel):  # the RPC already ended
-                pending.cancel()
-            return response_from_answer(pending.result(remaining))
-        except RpcFailure:
+            answer = await asyncio.wait_for(pending.future, remaining)
+        except asyncio.TimeoutError:
+            pending.abandoned = True
+            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was scored") \
+                from None
+        except BaseException:
+            pending.abandoned = True
             raise
+        try:
+            return response_from_answer(answer)
         except Exception as exc:
             log.exception("Recommend failed")
             raise RpcFailure(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
 
 
-class RecommenderServer(grpc.Server):
-    """The gRPC server and what shares its lifetime: the batcher, the health updater, /metrics.
+class RecommenderServer:
+    """The grpc.aio server on its event-loop thread, and what shares its lifetime: the batcher,
+    the health updater, /metrics. Its methods are called from ordinary threads.
 
     `stop(grace)` drains: new Recommend calls are refused (UNAVAILABLE) and health turns
     NOT_SERVING at once, while calls already queued or being scored get up to `grace` seconds
@@ -323,36 +328,64 @@ class RecommenderServer(grpc.Server):
     meaning (abort in-flight calls now).
     """
 
-    def __init__(self, server: grpc.Server, batcher: Batcher, backend: Backend, health_servicer: health.HealthServicer,
-                 metrics: ServingMetrics, metrics_http: WSGIServer | None, drain_s: float) -> None:
-        self._server = server
-        self._batcher = batcher
+    def __init__(self, config: ServingConfig, backend: Backend, metrics: ServingMetrics) -> None:
         self._backend = backend
-        self._health = health_servicer
-        self._metrics_http = metrics_http
         self.metrics = metrics
         self.registry = metrics.registry
-        self.metrics_port = metrics_http.server_address[1] if metrics_http is not None else None
-        self.drain_s = drain_s
+        self.drain_s = config.drain_s
+        self._batcher = Batcher(backend, config, metrics)
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="liverec-grpc", daemon=True)
+        self._loop_thread.start()
         self._stopping = threading.Event()
-        self._watcher = threading.Thread(target=self._watch_ready, name="liverec-health", daemon=True)
+        self._terminated = threading.Event()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._metrics_http: WSGIServer | None = None
+        self.metrics_port: int | None = None
+        try:
+            self.port = self._call(self._build(config))
+            if config.metrics_port >= 0:
+                self._metrics_http = start_http_server(config.metrics_port, addr=config.metrics_host,
+                                                       registry=metrics.registry)[0]
+                self.metrics_port = self._metrics_http.server_address[1]
+        except BaseException:
+            self._call(self._close(None))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
 
-    def add_generic_rpc_handlers(self, generic_rpc_handlers):  # type: ignore[no-untyped-def]
-        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def add_registered_method_handlers(self, service_name, method_handlers):  # type: ignore[no-untyped-def]
-        self._server.add_registered_method_handlers(service_name, method_handlers)
-
-    def add_insecure_port(self, address: str) -> int:
-        return self._server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self._server.add_secure_port(address, server_credentials)
+    async def _build(self, config: ServingConfig) -> int:
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a port in use is an error
+        recommender_pb2_grpc.add_RecommenderServicer_to_server(
+            RecommenderService(self._batcher, config, self.metrics), self._server)
+        self._health = health_aio.HealthServicer()
+        await _set_health(self._health, False)
+        # Kubernetes' liveness probe asks "liveness": a replica catching up is alive, just not ready.
+        await self._health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._server)
+        return self._server.add_insecure_port(f"{config.host}:{config.port}")  # RuntimeError: cannot bind
 
     def start(self) -> None:
         self._batcher.start()
-        self._watcher.start()
-        self._server.start()
+        self._call(self._start())
+
+    async def _start(self) -> None:
+        await self._server.start()
+        self._watch_task = asyncio.create_task(self._watch_ready())
+
+    async def _close(self, grace: float | None) -> None:
+        """Stop gRPC (in-flight calls get `grace`), the health updater and the loop's helpers."""
+        if hasattr(self, "_server"):
+            await self._server.stop(grace)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+        await asyncio.get_running_loop().shutdown_default_executor()
 
     def stop(self, grace: float | None) -> threading.Event:
         """Drain (see the class docstring); the returned event is set once everything has stopped.
@@ -361,50 +394,54 @@ class RecommenderServer(grpc.Server):
         mid-drain gets a clean UNAVAILABLE (retryable elsewhere) from the service, and health
         checks keep answering NOT_SERVING, rather than racing the transport's shutdown.
         """
+        if self._stopping.is_set():  # a second stop joins the first
+            return self._terminated
         self._batcher.drain()
         self._stopping.set()
-        self._health.enter_graceful_shutdown()
-        done = threading.Event()
+        self._call(self._health.enter_graceful_shutdown())
         until = None if grace is None else time.monotonic() + grace
 
         def finish() -> None:
             if until is not None:
                 self._batcher.wait_idle(max(0.0, until - time.monotonic()))
             left = None if until is None else max(0.0, until - time.monotonic())
-            self._server.stop(left).wait()  # in-flight calls (responses being sent) get what is left
+            self._call(self._close(left))  # in-flight calls (responses being sent) get what is left
             self._batcher.stop()
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
                 self._metrics_http.server_close()
-            done.set()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join()
+            self._terminated.set()
 
         threading.Thread(target=finish, name="liverec-drain", daemon=True).start()
-        return done
+        return self._terminated
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self._server.wait_for_termination(timeout)
+        """grpc.Server's contract: False once terminated, True if `timeout` passed first."""
+        return not self._terminated.wait(timeout)
 
-    def _watch_ready(self) -> None:
+    async def _watch_ready(self) -> None:
         """Mirror backend.ready() into health until the drain starts (which fixes NOT_SERVING)."""
         serving = False
-        while True:
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
             try:
-                ready = bool(self._backend.ready())
+                ready = bool(await loop.run_in_executor(None, self._backend.ready))
             except Exception:
                 log.exception("backend.ready() failed; reporting NOT_SERVING")
                 ready = False
-            if ready != serving:
+            if ready != serving and not self._stopping.is_set():
                 serving = ready
-                _set_health(self._health, ready)
+                await _set_health(self._health, ready)
                 log.info("health: %s", "SERVING" if ready else "NOT_SERVING")
-            if self._stopping.wait(READY_POLL_S):
-                return
+            await asyncio.sleep(READY_POLL_S)
 
 
-def _set_health(servicer: health.HealthServicer, serving: bool) -> None:
+async def _set_health(servicer: health_aio.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):  # "" is the whole server, by the health-checking convention
-        servicer.set(name, status)
+        await servicer.set(name, status)
 
 
 def build_server(config: ServingConfig, backend: Backend,
@@ -415,27 +452,10 @@ def build_server(config: ServingConfig, backend: Backend,
     its own metrics there too, so one /metrics serves both.
 
     Health starts NOT_SERVING; /metrics is served on config.metrics_host:metrics_port from now
-    on unless metrics_port is -1. The thread pool covers every request that may be waiting
-    (queued or in a batch) plus headroom, so that a full queue is answered RESOURCE_EXHAUSTED
-    rather than left waiting for a thread.
+    on unless metrics_port is -1.
     """
-    metrics = ServingMetrics(registry)
-    batcher = Batcher(backend, config, metrics)
-    pool = futures.ThreadPoolExecutor(max_workers=config.max_queue + config.max_batch + THREAD_HEADROOM,
-                                      thread_name_prefix="liverec-grpc")
-    server = grpc.server(pool, options=[("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderService(batcher, config, metrics), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    _set_health(health_servicer, False)
-    # Kubernetes' liveness probe asks "liveness": a replica catching up is alive, just not ready.
-    health_servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")  # RuntimeError when it cannot bind
-    metrics_http = None
-    if config.metrics_port >= 0:
-        metrics_http = start_http_server(config.metrics_port, addr=config.metrics_host, registry=metrics.registry)[0]
-    return RecommenderServer(server, batcher, backend, health_servicer, metrics, metrics_http, config.drain_s), port
+    server = RecommenderServer(config, backend, ServingMetrics(registry))
+    return server, server.port
 
 
 def serve_until_signalled(server: RecommenderServer) -> None:

@@ -166,6 +166,17 @@ def pad_rows(rows: Sequence[Tensor], row_shape: Sequence[int], device: torch.dev
     return out.to(device), valid.to(device)
 
 
+def pad_flat_rows(flat: Tensor, counts: Sequence[int], device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """`pad_rows` for rows already concatenated user after user: `flat [sum(counts), *row_shape]`."""
+    n = torch.tensor(counts, dtype=torch.long)
+    width = int(n.max()) if len(counts) else 0
+    valid = (torch.arange(width)[None, :] >= (width - n)[:, None]).to(device)
+    out = torch.zeros(len(counts), width, *flat.shape[1:], dtype=torch.float32, device=device)
+    if width:
+        out[valid] = flat.to(device, torch.float32)
+    return out, valid
+
+
 def slot_positions(valid: Tensor, next_pos: Tensor) -> Tensor:
     """`[B, S]` absolute position of each valid slot (see the module docstring); padding gets
     the position of the next valid slot, which never matters."""

@@ -26,7 +26,7 @@ from liverec.model.codecs.base import (
     dtype_of_code,
     dtype_size,
     from_rows,
-    pad_rows,
+    pad_flat_rows,
     read_head,
     tensor_bytes,
     tensor_from,
@@ -83,12 +83,16 @@ class _RowCodec(StateCodec):
         return next_pos, n, view[HEAD.size + self._extra:]
 
     def decode(self, payloads: Sequence[bytes], device: torch.device | str = "cpu") -> KVCache:
-        rows, next_pos = [], []
+        # Every user's rows are decoded in one pass over the joined bodies: serving decodes a
+        # whole request batch per call, and per-user tensor work would dominate it.
+        bodies, counts, next_pos = [], [], []
         for payload in payloads:
             pos, n, body = self._parse(payload)
-            rows.append(self._rows_from_bytes(body, n))
+            bodies.append(body)
+            counts.append(n)
             next_pos.append(pos)
-        padded, valid = pad_rows(rows, self.row_shape, device)
+        flat = self._rows_from_bytes(memoryview(b"".join(bodies)), sum(counts))
+        padded, valid = pad_flat_rows(flat, counts, device)
         return from_rows(padded, valid, torch.tensor(next_pos, dtype=torch.long, device=device))
 
     def append(self, payloads: Sequence[bytes], new: KVCache) -> list[bytes]:
