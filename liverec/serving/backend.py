@@ -48,14 +48,17 @@ class Answer:
 
 @dataclass(frozen=True)
 class UserState:
-    cache: KVCache  # one user, on the snapshot's device
+    batch: KVCache  # a decoded batch on the snapshot's device; this user is row `row` of it
+    row: int
     seen: np.ndarray  # int64 items of the history the state covers
     state_version: int
     last_event_time_ms: int
-    #: The batch cache `cache` is row `row` of, when a source decodes many users at once: the
-    #: scorer then gathers rows from it instead of re-stacking single-user caches.
-    batch: KVCache | None = None
-    row: int = 0
+
+    @property
+    def cache(self) -> KVCache:
+        """This user's own one-row cache (sources decode whole batches; the scorer reads rows)."""
+        r = slice(self.row, self.row + 1)
+        return KVCache([(k[r], v[r]) for k, v in self.batch.layers], self.batch.valid[r], self.batch.next_pos[r])
 
 
 class StateSource(Protocol):
@@ -125,7 +128,7 @@ def batch_cache(states: list[UserState], device: torch.device) -> KVCache:
     """The states' caches as one batch: rows of their common decoded batch when they share one
     (the replica's case: one decode per request batch), else stacked."""
     first = states[0].batch
-    if first is not None and all(s.batch is first for s in states):
+    if all(s.batch is first for s in states):
         rows = [s.row for s in states]
         if rows == list(range(int(first.valid.shape[0]))):
             return first
@@ -274,5 +277,5 @@ class HistoryStateSource:
             emb = torch.where(found[:, None], snapshot.item_rows[cols], torch.zeros((), device=snapshot.device))
             acts = torch.from_numpy(actions.astype(np.int64)).to(snapshot.device)
             cache = snapshot.model.encode(emb[None], acts[None])
-            out.append(UserState(cache, items, offset, time_ms))
+            out.append(UserState(cache, 0, items, offset, time_ms))
         return out

@@ -33,7 +33,13 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 from liverec.platform.config import ServingConfig
 from liverec.serving.backend import Answer, ModelSnapshot, Query
@@ -304,7 +310,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         pending = self._batcher.submit(query, deadline, asyncio.get_running_loop().create_future())
         try:
             answer = await asyncio.wait_for(pending.future, remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pending.abandoned = True
             raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was scored") \
                 from None

@@ -26,8 +26,12 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from liverec.model.codecs.base import StateCodec
-from liverec.model.codecs.record import CorruptRecord, RecordError, StateRecord, decode_record
-from liverec.model.encoder import KVCache
+from liverec.model.codecs.record import (
+    CorruptRecord,
+    RecordError,
+    StateRecord,
+    decode_record,
+)
 from liverec.serving.backend import ModelSnapshot, UserState
 
 log = logging.getLogger(__name__)
@@ -94,9 +98,11 @@ class CodecStates:
     def __call__(self, values: list[bytes | None], snapshot: ModelSnapshot) -> list[UserState | None]:
         out: list[UserState | None] = [None] * len(values)
         groups: dict[int, tuple[StateCodec, list[tuple[int, np.ndarray, StateRecord]]]] = {}
+        misses = sum(value is None for value in values)
+        if misses:
+            self.metrics.lookups.labels(result="miss").inc(misses)
         for i, value in enumerate(values):
             if value is None:
-                self.metrics.lookups.labels(result="miss").inc()
                 continue
             try:
                 seen, raw = unpack(value)
@@ -118,9 +124,7 @@ class CodecStates:
         for codec, members in groups.values():
             cache = codec.decode([record.payload for _, _, record in members], snapshot.device)
             for row, (i, seen, record) in enumerate(members):
-                one = KVCache([(k[row:row + 1], v[row:row + 1]) for k, v in cache.layers], cache.valid[row:row + 1],
-                              cache.next_pos[row:row + 1])
-                out[i] = UserState(one, seen, record.last_offset, record.last_event_time_ms)
-                self.metrics.lookups.labels(result="hit").inc()
+                out[i] = UserState(cache, row, seen, record.last_offset, record.last_event_time_ms)
                 self.metrics.staleness.observe(max(0.0, now - record.last_event_time_ms / 1000))
+            self.metrics.lookups.labels(result="hit").inc(len(members))
         return out
