@@ -287,7 +287,7 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + (remaining if remaining is not None else threading.TIMEOUT_MAX)
         try:
-            response = await self._recommend(request, remaining, deadline)
+            response = await self._recommend(request, deadline)
         except RpcFailure as failure:
             self._metrics.finished("Recommend", failure.code, time.perf_counter() - started)
             await context.abort(failure.code, failure.message)
@@ -304,16 +304,14 @@ class RecommenderService(recommender_pb2_grpc.RecommenderServicer):
             self._metrics.cold_start.inc()
         return response
 
-    async def _recommend(self, request: recommender_pb2.RecommendRequest, remaining: float | None,
+    async def _recommend(self, request: recommender_pb2.RecommendRequest,
                          deadline: float) -> recommender_pb2.RecommendResponse:
         query = query_from_request(request, self._config)
         pending = self._batcher.submit(query, deadline, asyncio.get_running_loop().create_future())
         try:
-            answer = await asyncio.wait_for(pending.future, remaining)
-        except TimeoutError:
-            pending.abandoned = True
-            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was scored") \
-                from None
+            # No timer of our own: gRPC cancels this coroutine when the deadline passes, and the
+            # batcher drops requests whose deadline passed while queued.
+            answer = await pending.future
         except BaseException:
             pending.abandoned = True
             raise
