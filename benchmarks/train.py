@@ -79,8 +79,7 @@ def in_memory(config: LiverecConfig, table: EventTable, events: int, device: str
     with tempfile.TemporaryDirectory(prefix="liverec-bench-step-") as tmp:
         store = EmbeddingStore([item_table_config(config)], seed=tc.seed, device=device)
         history = HistoryStore(Path(tmp) / "history", config.model.encoder.max_len)
-        learner = OnlineLearner(config.model, StoreItemTable(store), history, negatives=tc.negatives,
-                                dense_lr=tc.dense_lr, seed=tc.seed, device=device)
+        learner = OnlineLearner.from_config(config, StoreItemTable(store), history, device=device)
         n = min(events, len(table))
         stages: dict[str, float] = {}
         start = time.perf_counter()

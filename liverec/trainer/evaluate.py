@@ -329,10 +329,7 @@ def train_online(train: EventTable, config: LiverecConfig, seed: int, workdir: P
     tc = config.trainer
     store = EmbeddingStore([item_table_config(config)], seed=seed)
     history = HistoryStore(workdir / "history", config.model.encoder.max_len)
-    learner = OnlineLearner(config.model, StoreItemTable(store), history, negatives=tc.negatives,
-                            dense_lr=tc.dense_lr, seed=seed, history_loss=tc.history_loss,
-                            steps=tc.steps_per_batch, full_softmax_items=tc.full_softmax_items,
-                            replay_users=tc.replay_users)
+    learner = OnlineLearner.from_config(config, StoreItemTable(store), history, seed=seed)
     sums = np.zeros(5)
     try:
         for start in range(0, len(train), tc.batch_events):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from liverec.model.metrics import hit_rate, ndcg, target_ranks
 from liverec.model.recommender import SequentialRecommender, TrainBatch
 from liverec.trainer.decode import EventBatch
 from liverec.trainer.history import History, HistoryStore
+
+if TYPE_CHECKING:
+    from liverec.platform.config import LiverecConfig
 
 EVAL_K = 10
 
@@ -153,7 +156,7 @@ class OnlineLearner:
     """Model + dense optimizer + item table + histories; `step` learns from one micro-batch."""
 
     def __init__(self, model_config: ModelConfig, items: ItemTable, history: HistoryStore, *,
-                 negatives: int, dense_lr: float, seed: int, history_loss: bool = False, steps: int = 1,
+                 negatives: int, dense_lr: float, seed: int, history_loss: bool = False,
                  full_softmax_items: int = 0, replay_users: int = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         torch.manual_seed(seed)
@@ -163,13 +166,21 @@ class OnlineLearner:
         self.history = history
         self.negatives = negatives
         self.history_loss = history_loss
-        self.steps = steps
         self.full_softmax_items = full_softmax_items
         self.replay_users = replay_users
         self._known: np.ndarray | None = None  # sorted ids of the users with a history; read lazily
         self.max_len = model_config.encoder.max_len
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.version = 0
+
+    @classmethod
+    def from_config(cls, config: LiverecConfig, items: ItemTable, history: HistoryStore, *, seed: int | None = None,
+                    device: torch.device | str = "cpu") -> OnlineLearner:
+        """The learner `config.trainer` describes (the worker's, `liverec evaluate`'s, the benchmark's)."""
+        tc = config.trainer
+        return cls(config.model, items, history, negatives=tc.negatives, dense_lr=tc.dense_lr,
+                   seed=tc.seed if seed is None else seed, history_loss=tc.history_loss,
+                   full_softmax_items=tc.full_softmax_items, replay_users=tc.replay_users, device=device)
 
     # -- prequential ---------------------------------------------------------------------------
 
@@ -292,10 +303,10 @@ class OnlineLearner:
         loss_mask = w.valid[:, 1:] & w.valid[:, :-1] if self.history_loss else targets_mask
         replay = self._replay_windows(users)
         if replay is not None:
-            w, loss_mask = concat_windows(w, replay), np.concatenate((loss_mask, replay.valid[:, 1:] & replay.valid[:, :-1]))
+            w = concat_windows(w, replay)
+            loss_mask = np.concatenate((loss_mask, replay.valid[:, 1:] & replay.valid[:, :-1]))
         clock.lap("history")
-        for _ in range(self.steps):
-            loss = self._train(w, loss_mask, now_s, clock)
+        loss = self._train(w, loss_mask, now_s, clock)
         self.history.append(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
         self._remember(users)
         clock.lap("history")

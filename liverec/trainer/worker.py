@@ -92,8 +92,7 @@ class TrainerWorker:
         restored = self.checkpoints.restore_latest()
         store = restored.store if restored else EmbeddingStore([item_table_config(config)], seed=tc.seed)
         self.store = store
-        self.learner = OnlineLearner(config.model, StoreItemTable(store), self.history, negatives=tc.negatives,
-                                     dense_lr=tc.dense_lr, seed=tc.seed)
+        self.learner = OnlineLearner.from_config(config, StoreItemTable(store), self.history)
         self.offsets: dict[int, int] = {}
         self.counters = Counters()
         self._preq_window: list[tuple[int, float, float]] = []

@@ -60,3 +60,24 @@ def test_learns_successor_pattern() -> None:
         ranking = model.ranking_scores(cache, user, side.ranking.expand(64, ITEMS, -1))
     assert hit_rate(target_ranks(retrieval, target), 10).mean() > 0.95
     assert hit_rate(target_ranks(ranking, target), 10).mean() > 0.95
+
+
+def test_full_catalog_batch_ignores_in_batch_negatives() -> None:
+    """With the whole catalog as negatives the softmax is exact; the config's in-batch
+    negatives would only add a biased second estimate, so the model leaves them out."""
+    gen = torch.Generator().manual_seed(3)
+    table = nn.Embedding(ITEMS, 32)
+    ids = successor_windows(8, gen)
+    neg_ids = torch.randperm(ITEMS, generator=gen)
+    losses = []
+    for in_batch in (True, False):
+        torch.manual_seed(0)
+        config = ModelConfig(encoder=EncoderConfig(dim=32, layers=1, heads=2, max_len=LENGTH, dropout=0.0),
+                             in_batch_negatives=in_batch)
+        model = SequentialRecommender(config)
+        batch = TrainBatch(item_emb=table(ids), item_ids=ids, actions=torch.ones_like(ids),
+                           valid=torch.ones_like(ids, dtype=torch.bool), log_q=torch.zeros(ids.shape),
+                           neg_emb=table(neg_ids), neg_ids=neg_ids, log_q_neg=torch.full((ITEMS,), -math.log(ITEMS)),
+                           full_catalog=True)
+        losses.append(model(batch).retrieval)
+    torch.testing.assert_close(losses[0], losses[1])

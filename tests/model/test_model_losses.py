@@ -131,3 +131,17 @@ def test_bce_ranking_loss_by_hand() -> None:
     assert abs(bce_ranking_loss(pos[:1], neg[:1]).item() - 2 * log2) < 1e-6
     assert torch.isfinite(bce_ranking_loss(torch.tensor([-1e4]), torch.tensor([[1e4]])))
     assert bce_ranking_loss(pos[:0], neg[:0]).item() == 0.0
+
+
+def test_the_whole_catalog_as_uniform_negatives_is_the_exact_softmax() -> None:
+    """What `TrainBatch.full_catalog` relies on: every item once, log q = -log(catalog), no
+    in-batch source: the row's target is masked among the negatives and the loss is plain
+    cross-entropy over the catalog."""
+    gen = torch.Generator().manual_seed(2)
+    catalog = F.normalize(torch.randn(30, 8, generator=gen), dim=-1)
+    u = F.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    target = torch.tensor([0, 3, 3, 17, 29, 8])
+    order = torch.randperm(30, generator=gen)  # any order: the learner shuffles the catalog
+    got = sampled_softmax_loss(u, catalog[target], target, catalog[order], order, torch.zeros(6),
+                               torch.full((30,), -math.log(30)), in_batch=False, temperature=0.1)
+    torch.testing.assert_close(got, F.cross_entropy(u @ catalog.T / 0.1, target))
