@@ -22,13 +22,15 @@ class EncoderConfig:
     `max_len` is the history window the model is trained on; it is also the default capacity of
     a user's K/V cache, because attention is only trained on offsets below it.
     `num_actions` must cover every action id in the event stream (the proto `Action` enum: 0..5).
+    `dropout` is 0 by default because the online learner trains each event in only a few steps:
+    on ml-100k, 0.1 lowered its NDCG@10 (0.082 vs 0.092); offline training sets its own.
     """
 
     dim: int = 64
     layers: int = 2
     heads: int = 2
     max_len: int = 50
-    dropout: float = 0.1
+    dropout: float = 0.0
     ffn_mult: int = 4
     num_actions: int = 6
     rope_base: float = 10_000.0
@@ -58,13 +60,14 @@ class ModelConfig:
     """The encoder plus the scoring heads and the training losses.
 
     `temperature` divides the cosine similarities of the retrieval head (both sides are
-    L2-normalised, which keeps the logits bounded whatever scale the embedding store uses).
+    L2-normalised, which keeps the logits bounded whatever scale the embedding store uses);
+    0.1 beat 0.05 for the online model on ml-100k with the exact softmax.
     `rank_negatives` uniform negatives per target train the target-attention head;
     `rank_weight` scales its loss against the retrieval loss.
     """
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    temperature: float = 0.05
+    temperature: float = 0.1
     in_batch_negatives: bool = True
     rank_negatives: int = 8
     rank_weight: float = 1.0

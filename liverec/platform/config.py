@@ -143,11 +143,11 @@ class TrainerConfig:
     batch_events: int = 256
     batch_max_ms: int = 200
     negatives: int = 256
-    full_softmax_items: int = 0
-    history_loss: bool = False
-    replay_users: int = 0
-    dense_lr: float = 1e-3
-    item_lr: float = 0.05
+    full_softmax_items: int = 4096
+    history_loss: bool = True
+    replay_users: int = 32
+    dense_lr: float = 5e-4
+    item_lr: float = 0.15
     min_count: int = 1
     item_ttl_s: int | None = None
     checkpoint_every_events: int = 20_000

@@ -224,6 +224,10 @@ def random_ndcg10_full(split, catalog_size: int) -> float:
     return total / len(split)
 
 
+def test_cli_rejects_an_offline_dropout_outside_0_1() -> None:
+    assert main(["--dataset", "synthetic", "--offline-dropout", "1.0", "--quiet"], tiny_config()) == 2
+
+
 def test_end_to_end_on_a_small_synthetic_stream(tmp_path: Path) -> None:
     t = synthetic(SyntheticConfig(num_users=200, num_items=150, num_events=4000, num_clusters=5, seed=1))
     data = tmp_path / "small.txt"
@@ -255,9 +259,16 @@ def test_end_to_end_on_a_small_synthetic_stream(tmp_path: Path) -> None:
     for name in ("online", "offline"):
         assert report["protocols"]["full"]["models"][name]["NDCG@10"] > 2 * random_full, name
         assert report["protocols"]["sampled100"]["models"][name]["HR@10"] > 2 * random_sampled_hr10, name
+    # The stream's clusters make the next item predictable from the history: one streaming pass
+    # (exact softmax, whole windows, replay) must beat item counts, finally and prequentially.
+    full = report["protocols"]["full"]["models"]
+    assert full["online"]["NDCG@10"] > 1.3 * full["popularity"]["NDCG@10"], full
     preq = report["prequential"]
     assert 0 < preq["scored"] <= report["dataset"]["train_events"]
     assert 0.0 <= preq["online"]["NDCG@10"] <= preq["online"]["HR@10"] <= 1.0
+    assert preq["online"]["NDCG@10"] > preq["popularity"]["NDCG@10"], preq
+    assert report["online_events_per_s"] > 0
+    assert report["setup"]["trainer"]["replay_users"] == tiny_config().trainer.replay_users
 
     text = format_table(report)
     for needle in ("full", "sampled100", *MODELS, *METRICS, "online/offline", "prequential"):
