@@ -125,7 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     changes = {k: v for k, v in (("port", args.port), ("state_dir", args.state_dir),
-                                 ("metrics_port", args.metrics_port), ("device", args.device)) if v is not None}
+                                 ("metrics_port", args.metrics_port), ("device", args.device),
+                                 ("workers", args.workers)) if v is not None}
     if changes:
         config = dataclasses.replace(config, serving=dataclasses.replace(config.serving, **changes))
     return run_serve(config)
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=None, help="the replica's RocksDB (default: serving.state_dir)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: any free, -1: none)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
+    p.add_argument("--workers", type=int, default=None,
+                   help="replica processes sharing the port (default: serving.workers; > 1 needs --port)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("recommend", help="ask a serving replica for a user's top-k", add_help=False)

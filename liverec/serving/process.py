@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
 
@@ -54,7 +61,11 @@ def build_replica(config: LiverecConfig, registry: CollectorRegistry) -> tuple[R
     return replica, ReplicaBackend(replica, Scorer(replica))
 
 
-def run_serve(config: LiverecConfig) -> int:
+def run_serve(config: LiverecConfig, worker: int | None = None) -> int:
+    """One replica until signalled; with `serving.workers` > 1 and no `worker` index, the
+    supervisor of that many (each worker process calls this with its index)."""
+    if config.serving.workers > 1 and worker is None:
+        return supervise_workers(config)
     registry = CollectorRegistry()
     replica, backend = build_replica(config, registry)
     server, port = build_server(config.serving, backend, registry)
@@ -66,3 +77,54 @@ def run_serve(config: LiverecConfig) -> int:
     finally:
         replica.stop()
     return 0
+
+
+def worker_config(config: LiverecConfig, index: int) -> LiverecConfig:
+    """Worker `index` of a multi-worker replica: the shared port, its own state and /metrics."""
+    s = config.serving
+    metrics_port = s.metrics_port + index if s.metrics_port > 0 else s.metrics_port
+    return dataclasses.replace(config, serving=dataclasses.replace(
+        s, state_dir=str(Path(s.state_dir) / f"worker-{index}"), metrics_port=metrics_port))
+
+
+def _run_worker(config: LiverecConfig, index: int) -> None:
+    from liverec.platform.log import configure_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into one SIGTERM each
+    configure_logging(config.logging)
+    sys.exit(run_serve(config, worker=index))
+
+
+def supervise_workers(config: LiverecConfig) -> int:
+    """Start `serving.workers` replica processes on one port; SIGTERM/SIGINT drains them all.
+
+    A worker that exits on its own takes the others down with it (exit code 1): a replica with
+    fewer workers than configured is one the orchestrator should restart, not run on silently.
+    """
+    context = multiprocessing.get_context("spawn")  # CUDA and gRPC do not survive fork
+    workers = [context.Process(target=_run_worker, args=(worker_config(config, i), i), name=f"liverec-serve-{i}")
+               for i in range(config.serving.workers)]
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for w in workers:
+            w.start()
+        print(f"supervising {len(workers)} serving workers on {config.serving.host}:{config.serving.port}",
+              flush=True)
+        while not stop.wait(0.2):
+            if any(not w.is_alive() for w in workers):
+                log.error("a serving worker exited; stopping the others",
+                          extra={"exit_codes": [w.exitcode for w in workers]})
+                break
+    finally:
+        for w in workers:
+            if w.is_alive() and w.pid is not None:
+                os.kill(w.pid, signal.SIGTERM)
+        for w in workers:
+            w.join(config.serving.drain_s + 30)
+            if w.is_alive():
+                w.kill()
+                w.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if stop.is_set() and all(w.exitcode == 0 for w in workers) else 1

@@ -362,7 +362,8 @@ class RecommenderServer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _build(self, config: ServingConfig) -> int:
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a port in use is an error
+        # A port in use is an error, unless this is one of several workers meant to share it.
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", int(config.workers > 1))])
         recommender_pb2_grpc.add_RecommenderServicer_to_server(
             RecommenderService(self._batcher, config, self.metrics), self._server)
         self._health = health_aio.HealthServicer()
