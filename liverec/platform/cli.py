@@ -66,7 +66,11 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from liverec.platform.datasets import DatasetFormatError, SyntheticConfig, load_dataset
+    from liverec.platform.datasets import (
+        DatasetFormatError,
+        SyntheticConfig,
+        load_dataset,
+    )
     from liverec.platform.kafka import ensure_topics, make_producer
     from liverec.platform.replay import rebase_times, replay
 
