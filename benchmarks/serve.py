@@ -316,6 +316,7 @@ def server_main(spec: dict) -> int:
             snapshot_fn = keep[0].snapshot
         naive = FixedBackend(snapshot if spec["source"] == "synthetic" else snapshot_fn,
                              Scorer(HistoryStateSource(histories)))
+        procs = spec.get("server_procs", 1)  # >1: this is one of several processes sharing the ports
         base = ServingConfig(host="127.0.0.1", port=0, metrics_port=-1, device=spec["device"])
         configs = {
             "batched": dataclasses.replace(base, max_batch=spec["max_batch"] or base.max_batch,
@@ -323,6 +324,8 @@ def server_main(spec: dict) -> int:
                                            else spec["max_wait_ms"]),
             "naive": dataclasses.replace(base, max_batch=1, max_wait_ms=0.0),
         }
+        if procs > 1:
+            configs = {n: dataclasses.replace(c, port=spec["ports"][n], workers=procs) for n, c in configs.items()}
         backends = {"batched": batched, "naive": naive}
         registries = {"batched": registry, "naive": CollectorRegistry()}
         servers, ports, samples = {}, {}, {}
@@ -375,8 +378,7 @@ def server_main(spec: dict) -> int:
             for _, code in got:
                 codes[code] = codes.get(code, 0) + 1
             _reply({"ms": [round(ms, 4) for ms, code in got if code == "OK"], "codes": codes,
-                    "batches": bcount - bcount0, "mean_batch": (bsum - bsum0) / (bcount - bcount0)
-                    if bcount > bcount0 else 0.0})
+                    "batches": bcount - bcount0, "batched_requests": bsum - bsum0})
         else:
             _reply({"error": f"unknown command {msg!r}"})
     for server in servers.values():
@@ -390,6 +392,17 @@ def server_main(spec: dict) -> int:
 # Orchestration
 
 
+def merge_dumps(dumps: list[dict]) -> dict:
+    """One step's server-side samples from every server process."""
+    codes: dict[str, int] = {}
+    for d in dumps:
+        for code, n in d["codes"].items():
+            codes[code] = codes.get(code, 0) + n
+    batches = sum(d["batches"] for d in dumps)
+    return {"ms": [x for d in dumps for x in d["ms"]], "codes": codes, "batches": batches,
+            "mean_batch": sum(d["batched_requests"] for d in dumps) / batches if batches else 0.0}
+
+
 def pct(values: list[float] | np.ndarray, q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
 
@@ -400,10 +413,10 @@ def summary(values: list[float]) -> dict:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, server: Child, ports: dict[str, int], users_args: list[str],
+    def __init__(self, args: argparse.Namespace, servers: list[Child], ports: dict[str, int], users_args: list[str],
                  log_dir: Path) -> None:
         self.args = args
-        self.server = server
+        self.servers = servers
         self.ports = ports
         self.users_args = users_args
         self.log_dir = log_dir
@@ -436,14 +449,15 @@ class Bench:
             shares = [level / n] * n
         active = [(c, s) for c, s in zip(self.loaders, shares) if s > 0]
         for child, share in active:  # connect and warm each channel before the clock starts
-            child.ask({"cmd": "connect", "target": target}, timeout=60)
-        self.server.ask({"cmd": "mark", "path": path}, timeout=30)
+            child.ask({"cmd": "connect", "target": target, "channels": self.args.channels}, timeout=60)
+        for server in self.servers:
+            server.ask({"cmd": "mark", "path": path}, timeout=30)
         start_at = time.time() + 0.2
         for child, share in active:
             child.send({"cmd": "run", "mode": mode, "level": share, "duration": duration, "start_at": start_at,
                         "k": self.args.k})
         results = [child.expect(timeout=duration + self.args.request_timeout + 60) for child, _ in active]
-        srv = self.server.ask({"cmd": "dump", "path": path}, timeout=60)
+        srv = merge_dumps([server.ask({"cmd": "dump", "path": path}, timeout=60) for server in self.servers])
         lat = [x for r in results for x in r["latencies_ms"]]
         lag = [x for r in results for x in r["send_lag_ms"]]
         sent = sum(r["sent"] for r in results)
@@ -609,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=0, help="batched path's max_batch (default: ServingConfig)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="batched path's max_wait_ms")
     parser.add_argument("--load-procs", type=int, default=None, help="load generator processes")
+    parser.add_argument("--server-procs", type=int, default=1,
+                        help="server processes sharing the ports, as `liverec serve --workers N` runs them")
+    parser.add_argument("--channels", type=int, default=None,
+                        help="connections per load generator (default: 4 per server process)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in the trainer and the server (default 0: torch's default)")
     parser.add_argument("--k", type=int, default=10)
@@ -642,6 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup = 0.6 if args.quick else 2.0
     if args.load_procs is None:
         args.load_procs = default_load_procs()
+    if args.server_procs < 1:
+        parser.error("--server-procs must be >= 1")
+    if args.channels is None:
+        args.channels = 4 * args.server_procs if args.server_procs > 1 else 1
     if args.max_seconds is None:
         args.max_seconds = 40.0 if args.quick else 300.0
     if args.concurrency is None:
@@ -663,7 +685,7 @@ def run(args: argparse.Namespace, synthetic: bool, cuda: bool, concurrency: list
     work = Path(tempfile.mkdtemp(prefix="liverec-bench-serve-"))
     setup: dict[str, Any] = {}
     trained = None
-    server = None
+    servers: list[Child] = []
     bench = None
     try:
         if synthetic:
@@ -674,11 +696,20 @@ def run(args: argparse.Namespace, synthetic: bool, cuda: bool, concurrency: list
             spec = {"source": "kafka", "bootstrap": trained["bootstrap"], "device": args.device,
                     "trainer_state_dir": trained["trainer_state_dir"], "serving_state_dir": str(work / "serving")}
             setup.update({k: v for k, v in trained.items() if k not in ("broker", "bootstrap", "trainer_state_dir")})
-        spec.update({"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "threads": args.threads})
-        server = Child([sys.executable, "-m", "benchmarks.serve", "_server", json.dumps(spec)], "server", work,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        hello = server.expect(timeout=1200 if synthetic else 300)
+        spec.update({"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "threads": args.threads,
+                     "server_procs": args.server_procs})
+        if args.server_procs > 1:  # fixed ports, shared by every server process (SO_REUSEPORT)
+            from liverec.platform.broker import free_port
+
+            spec["ports"] = {"batched": free_port(), "naive": free_port()}
+        for i in range(args.server_procs):
+            own = {**spec, "serving_state_dir": f"{spec['serving_state_dir']}/p{i}"} if not synthetic else spec
+            servers.append(Child([sys.executable, "-m", "benchmarks.serve", "_server", json.dumps(own)], f"server{i}",
+                                 work, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        hellos = [server.expect(timeout=1200 if synthetic else 300) for server in servers]
+        hello = hellos[0]
         info = hello["info"]
+        info["server_procs"] = args.server_procs
         if synthetic:
             users_args = ["--users-range", *map(str, info.pop("users_range"))]
         else:
@@ -687,7 +718,7 @@ def run(args: argparse.Namespace, synthetic: bool, cuda: bool, concurrency: list
             users_args = ["--users-file", str(work / "users.txt")]
         setup.update(info)
         print(f"server ready: {json.dumps({k: v for k, v in info.items() if k != 'model_config'})}", flush=True)
-        bench = Bench(args, server, hello["ports"], users_args, work)
+        bench = Bench(args, servers, hello["ports"], users_args, work)
         bench.start_loaders()
         print(HEADER + "   (ms; c = client, s = server)", flush=True)
         paths: dict[str, dict] = {}
@@ -700,7 +731,7 @@ def run(args: argparse.Namespace, synthetic: bool, cuda: bool, concurrency: list
     finally:
         if bench is not None:
             bench.close()
-        if server is not None:
+        for server in servers:
             server.close()
         if trained is not None:
             trained["broker"].stop()
@@ -747,6 +778,7 @@ def assemble(args: argparse.Namespace, synthetic: bool, setup: dict, paths: dict
         "source": "synthetic" if synthetic else f"{Path(args.dataset).name} via broker + trainer + replica",
         "device": args.device, "quick": args.quick, "k": args.k, "full_catalog": True,
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "load_procs": args.load_procs,
+                     "server_procs": args.server_procs, "channels_per_load_proc": args.channels,
                      "concurrency": parse_list(args.concurrency, int), "rates": args.rates,
                      "request_timeout_s": args.request_timeout, "seed": args.seed,
                      "torch_threads": args.threads or "default",
@@ -770,7 +802,8 @@ def print_summary(r: dict) -> None:
     for name, p in r["paths"].items():
         cfg = s["configs"][name]
         m = p["max_rate_meeting_target"]
-        print(f"  {name:<8} max_batch {cfg['max_batch']:>3}, max_wait {cfg['max_wait_ms']} ms: peak closed-loop "
+        print(f"  {name:<8} {r['settings']['server_procs']} server process(es), max_batch {cfg['max_batch']:>3}, "
+              f"max_wait {cfg['max_wait_ms']} ms: peak closed-loop "
               f"{p['peak_closed_rps']:,.0f}/s; highest rate with p99 ≤ {r['targets']['p99_ms']:.0f} ms: "
               f"server {m['server']:,.0f}/s, client {m['client']:,.0f}/s")
     ra = r["ratios"]

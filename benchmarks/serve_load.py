@@ -70,16 +70,19 @@ class Run:
         finally:
             self.in_flight -= 1
 
-    async def closed(self, stub: recommender_pb2_grpc.RecommenderStub, concurrency: int, until: float) -> None:
-        async def client() -> None:
+    async def closed(self, stubs: list[recommender_pb2_grpc.RecommenderStub], concurrency: int,
+                     until: float) -> None:
+        async def client(stub: recommender_pb2_grpc.RecommenderStub) -> None:
             while time.perf_counter() < until:
                 await self.one(stub, time.perf_counter())
 
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.gather(*(client(stubs[i % len(stubs)]) for i in range(concurrency)))
 
-    async def open(self, stub: recommender_pb2_grpc.RecommenderStub, rate: float, start: float, until: float) -> None:
+    async def open(self, stubs: list[recommender_pb2_grpc.RecommenderStub], rate: float, start: float,
+                   until: float) -> None:
         tasks: set[asyncio.Task] = set()
         t = start
+        sent = 0
         while True:
             t += self.rng.expovariate(rate)
             if t >= until:
@@ -91,7 +94,8 @@ class Run:
                 self.dropped += 1
                 continue
             self.send_lag.append((time.perf_counter() - t) * 1000.0)
-            task = asyncio.create_task(self.one(stub, t))
+            task = asyncio.create_task(self.one(stubs[sent % len(stubs)], t))
+            sent += 1
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
@@ -101,8 +105,8 @@ class Run:
 async def worker(args: argparse.Namespace, users: list[int]) -> None:
     loop = asyncio.get_running_loop()
     rng = random.Random(args.seed)
-    channel: grpc.aio.Channel | None = None
-    stub = None
+    channels: list[grpc.aio.Channel] = []
+    stubs: list[recommender_pb2_grpc.RecommenderStub] = []
     reply({"ready": True, "users": len(users)})
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)
@@ -114,16 +118,22 @@ async def worker(args: argparse.Namespace, users: list[int]) -> None:
             if cmd == "quit":
                 break
             if cmd == "connect":
-                if channel is not None:
+                for channel in channels:
                     await channel.close()
-                channel = grpc.aio.insecure_channel(msg["target"])
-                stub = recommender_pb2_grpc.RecommenderStub(channel)
-                await asyncio.wait_for(channel.channel_ready(), timeout=30)
-                for _ in range(3):
-                    await stub.Recommend(recommender_pb2.RecommendRequest(user_id=rng.choice(users), k=10), timeout=30)
+                # Several connections when the server is several processes behind one port (the
+                # kernel spreads connections, not requests); a channel option makes each its own.
+                channels = [grpc.aio.insecure_channel(msg["target"], options=[("grpc.use_local_subchannel_pool", 1),
+                                                                              ("liverec.bench.channel", i)])
+                            for i in range(int(msg.get("channels", 1)))]
+                stubs = [recommender_pb2_grpc.RecommenderStub(channel) for channel in channels]
+                for channel, stub in zip(channels, stubs):
+                    await asyncio.wait_for(channel.channel_ready(), timeout=30)
+                    for _ in range(3):
+                        await stub.Recommend(recommender_pb2.RecommendRequest(user_id=rng.choice(users), k=10),
+                                             timeout=30)
                 reply({"connected": msg["target"]})
             elif cmd == "run":
-                if stub is None:
+                if not stubs:
                     raise RuntimeError("run before connect")
                 run = Run(users, rng, int(msg.get("k", 10)), args.timeout)
                 wait = msg.get("start_at", 0) - time.time()
@@ -132,9 +142,9 @@ async def worker(args: argparse.Namespace, users: list[int]) -> None:
                 start = time.perf_counter()
                 until = start + float(msg["duration"])
                 if msg["mode"] == "closed":
-                    await run.closed(stub, int(msg["level"]), until)
+                    await run.closed(stubs, int(msg["level"]), until)
                 else:
-                    await run.open(stub, float(msg["level"]), start, until)
+                    await run.open(stubs, float(msg["level"]), start, until)
                 reply({"mode": msg["mode"], "level": msg["level"], "elapsed_s": time.perf_counter() - start,
                        "sent": run.sent, "ok": len(run.latencies), "errors": dict(run.errors), "dropped": run.dropped,
                        "cold_start": run.cold, "latencies_ms": [round(x, 4) for x in run.latencies],
@@ -143,7 +153,7 @@ async def worker(args: argparse.Namespace, users: list[int]) -> None:
                 reply({"error": f"unknown command {msg!r}"})
         except Exception as exc:  # answer on the protocol; the orchestrator decides what to do
             reply({"error": f"{type(exc).__name__}: {exc}"})
-    if channel is not None:
+    for channel in channels:
         await channel.close()
 
 
