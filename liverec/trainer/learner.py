@@ -7,8 +7,10 @@ For each micro-batch, in this order:
 2. admission: the events' items are counted, and admitted into the item table when frequent
    enough;
 3. training: one window per user (stored history + new events, chunked when a user brings more
-   new events than fit), next-item sampled softmax + ranking loss on the new events only,
-   dense Adam step plus the item table's sparse step;
+   new events than fit) plus the stored windows of `replay_users` users drawn from those seen
+   before; next-item softmax (exact over a small catalog, else sampled) + ranking loss on the
+   new events (with `history_loss`, on every position of the batch's windows; replayed windows
+   always on every position), one dense Adam step plus the item table's sparse step;
 4. the user histories are extended.
 The worker adds Kafka, checkpoints, the DLQ and metrics around this; `liverec evaluate` drives it
 directly over a dataset for the "one streaming pass" model.
@@ -249,8 +251,9 @@ class OnlineLearner:
     def _remember(self, users: np.ndarray) -> None:
         known = self._known_users()
         pos = np.searchsorted(known, users)
-        new = users[(pos >= len(known)) | (known[np.minimum(pos, max(len(known) - 1, 0))] != users)] \
-            if len(known) else users
+        present = pos < len(known)
+        present[present] = known[pos[present]] == users[present]
+        new = users[~present]
         if len(new):
             self._known = np.insert(known, np.searchsorted(known, new), new)
 
