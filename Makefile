@@ -49,10 +49,13 @@ $(NODE_DEPS): tests/serving/node/package-lock.json
 test: setup system-deps $(NODE_DEPS)
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# On the device machine (its image's python3 has torch + Triton; no set-up there): the CUDA kernels
-# and the store against the CPU reference. --confcutdir: the root conftest needs the broker stack.
+# On the device machine (its image's python3 has torch + Triton; no set-up there): the CUDA kernels,
+# the store against the CPU reference, and the serving scorer. --confcutdir: the root conftest needs
+# the broker stack. The scorer imports the generated stubs and grpcio: carry liverec/v1 (made by
+# `make proto` here) and the grpcio/protobuf wheels (README, "GPU runs").
 test-cuda:
-	PYTHONPATH=. python3 -m pytest --confcutdir=tests/cuda -p no:cacheprovider tests/cuda $(PYTEST_ARGS)
+	@test -d liverec/v1 || { echo "test-cuda: liverec/v1 is missing: run 'make proto' here and carry it"; exit 2; }
+	PYTHONPATH=$${PYTHONPATH:+$$PYTHONPATH:}. python3 -m pytest --confcutdir=tests/cuda -p no:cacheprovider tests/cuda $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/liverec bench ingest
