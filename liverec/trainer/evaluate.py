@@ -345,7 +345,7 @@ def train_online(train: EventTable, config: LiverecConfig, seed: int, workdir: P
         history.close()
     n = max(sums[0], 1.0)
     preq = Prequential(int(sums[0]), sums[1] / n, sums[2] / n, sums[3] / n, sums[4] / n)
-    return ModelScorer(learner.model, store), preq
+    return ModelScorer(learner.serving_model, store), preq  # what the trainer serves
 
 
 # -- the offline twin ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ directly over a dataset for the "one streaming pass" model.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -159,10 +160,15 @@ class OnlineLearner:
 
     def __init__(self, model_config: ModelConfig, items: ItemTable, history: HistoryStore, *,
                  negatives: int, dense_lr: float, seed: int, history_loss: bool = False,
-                 full_softmax_items: int = 0, replay_users: int = 0, device: torch.device | str = "cpu") -> None:
+                 full_softmax_items: int = 0, replay_users: int = 0, serving_ema: float = 0.0,
+                 device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         torch.manual_seed(seed)
         self.model = SequentialRecommender(model_config).to(self.device)
+        self.serving_ema = serving_ema
+        #: What serving receives and states are encoded with: the trained weights' moving
+        #: average (trainer.serving_ema), or the trained model itself when that is 0.
+        self.serving_model = copy.deepcopy(self.model).eval() if serving_ema > 0 else self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=dense_lr, fused=True)
         self.items = items
         self.history = history
@@ -182,7 +188,8 @@ class OnlineLearner:
         tc = config.trainer
         return cls(config.model, items, history, negatives=tc.negatives, dense_lr=tc.dense_lr,
                    seed=tc.seed if seed is None else seed, history_loss=tc.history_loss,
-                   full_softmax_items=tc.full_softmax_items, replay_users=tc.replay_users, device=device)
+                   full_softmax_items=tc.full_softmax_items, replay_users=tc.replay_users,
+                   serving_ema=tc.serving_ema, device=device)
 
     # -- prequential ---------------------------------------------------------------------------
 
@@ -287,6 +294,17 @@ class OnlineLearner:
         c = torch.where(found, counts[perm[pos]].float(), torch.ones_like(items, dtype=torch.float))
         return torch.log(c.clamp(min=1.0) / total)
 
+    @torch.no_grad()
+    def _average(self) -> None:
+        """Move the serving weights towards the trained ones (see TrainerConfig.serving_ema)."""
+        if self.serving_model is self.model:
+            return
+        d = self.serving_ema
+        for avg, live in zip(self.serving_model.parameters(), self.model.parameters()):
+            avg.mul_(d).add_(live, alpha=1.0 - d)
+        for avg, live in zip(self.serving_model.buffers(), self.model.buffers()):
+            avg.copy_(live)
+
     def step(self, batch: EventBatch) -> StepResult:
         if len(batch) == 0:
             return StepResult(0, 0, 0.0, 0.0, 0.0, 0.0, math.nan)
@@ -310,6 +328,7 @@ class OnlineLearner:
             loss_mask = np.concatenate((loss_mask, replay.valid[:, 1:] & replay.valid[:, :-1]))
         clock.lap("history")
         loss = self._train(w, loss_mask, now_s, clock)
+        self._average()
         self.history.append(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
         self._remember(users)
         clock.lap("history")

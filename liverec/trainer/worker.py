@@ -121,6 +121,7 @@ class TrainerWorker:
         c = self.counters
         return {
             "model": self.learner.model.state_dict(),
+            "serving_model": self.learner.serving_model.state_dict(),
             "optimizer": self.learner.optimizer.state_dict(),
             "version": self.learner.version,
             "torch_rng": torch.get_rng_state(),
@@ -134,6 +135,7 @@ class TrainerWorker:
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.learner.model.load_state_dict(state["model"])
+        self.learner.serving_model.load_state_dict(state.get("serving_model", state["model"]))
         self.learner.optimizer.load_state_dict(state["optimizer"])
         self.learner.version = state["version"]
         torch.set_rng_state(state["torch_rng"])
@@ -342,7 +344,7 @@ class TrainerWorker:
         start = time.perf_counter()
         version = self.learner.version
         codec_state = self.codec_trainer.freeze(version) if self.codec_trainer is not None else None
-        self.publisher.publish(self.store, self.learner.model, version, self._last_event_time_ms, codec_state)
+        self.publisher.publish(self.store, self.learner.serving_model, version, self._last_event_time_ms, codec_state)
         self._last_publish_time = time.monotonic()
         self.stage_seconds["publish"] = self.stage_seconds.get("publish", 0.0) + time.perf_counter() - start
 
@@ -359,7 +361,7 @@ class TrainerWorker:
         histories = self.history.get_many(users)
         old = self.states.stored(users.tolist())
         version = self.learner.version
-        model, items = self.learner.model, self.learner.items
+        model, items = self.learner.serving_model, self.learner.items
         append = [i for i, h in enumerate(histories)
                   if self.states.can_append(old[i], len(h), new_counts[i], first_offsets[i], version)]
         chosen = set(append)
@@ -415,7 +417,7 @@ class TrainerWorker:
             kept = set(rows)
             self.states.forget([entry for i, entry in enumerate(stale) if i not in kept])
             if rows:
-                model = self.learner.model
+                model = self.learner.serving_model
                 cache = self.states.encode_histories([histories[i] for i in rows], model, self.learner.items)
                 codec, params_version = self._encoding_codec()
                 records = [record_for(codec, payload, version, old[i].last_offset,  # type: ignore[union-attr]
@@ -499,6 +501,7 @@ def state_digest(worker: TrainerWorker) -> dict[str, Any]:
     codec = trainer.state_dict()["live"] if trainer is not None else {}
     return {
         "dense": digest([v for _, v in sorted(worker.learner.model.state_dict().items())]),
+        "serving": digest([v for _, v in sorted(worker.learner.serving_model.state_dict().items())]),
         "codec": digest([v for _, v in sorted(codec.items())]),
         "store": digest([keys[order], weights[order]]),
         "history": history.hexdigest(),

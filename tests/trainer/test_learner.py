@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from liverec.embedding_store.config import TableConfig
 from liverec.embedding_store.store import EmbeddingStore
@@ -89,3 +90,33 @@ def test_replayed_users_items_are_trained_without_new_events(history: HistorySto
     # Items 12 and 13 are only ever targets inside user 1's stored window (the one uniform
     # negative per step, drawn with a fixed seed, is neither).
     assert ({12, 13} <= moved) == (replay_users > 0), moved
+
+
+def test_serving_weights_are_the_moving_average_of_the_trained_ones(tmp_path: Path) -> None:
+    def learner_with(ema: float, name: str) -> tuple[OnlineLearner, HistoryStore]:
+        history = HistoryStore(tmp_path / name, MAX_LEN)
+        store = EmbeddingStore([TableConfig(name=ITEM_TABLE, dim=16, optimizer="adagrad", lr=0.05)], seed=0)
+        return OnlineLearner(MODEL, StoreItemTable(store), history, negatives=1, dense_lr=1e-2, seed=0,
+                             serving_ema=ema), history
+
+    plain, h1 = learner_with(0.0, "plain")
+    averaged, h2 = learner_with(0.5, "averaged")
+    try:
+        assert plain.serving_model is plain.model
+        expected = {n: p.detach().clone() for n, p in averaged.model.named_parameters()}
+        for step, batch in enumerate((FIRST, FIRST[::-1], FIRST)):
+            plain.step(events(batch, 100 * step))
+            averaged.step(events(batch, 100 * step))
+            live = dict(averaged.model.named_parameters())
+            expected = {n: 0.5 * expected[n] + 0.5 * live[n].detach() for n in expected}
+        got = dict(averaged.serving_model.named_parameters())
+        for name, value in expected.items():
+            assert torch.allclose(got[name], value, atol=1e-6), name
+        # Averaging only changes what is served: the trained weights follow the same path.
+        for (name, a), b in zip(plain.model.named_parameters(), averaged.model.parameters()):
+            assert torch.equal(a, b), name
+        assert any(not torch.equal(a, b) for a, b in zip(averaged.serving_model.parameters(),
+                                                        averaged.model.parameters()))
+    finally:
+        h1.close()
+        h2.close()

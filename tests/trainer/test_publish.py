@@ -32,8 +32,12 @@ def test_published_params_equal_the_trained_state(config, ml100k, tmp_path) -> N
     final = materializer.committed
     assert final is not None and final.version == worker.learner.version
     assert final.model_config == cfg.model
-    for name, tensor in worker.learner.model.state_dict().items():
+    # Serving gets the moving average of the trained weights (trainer.serving_ema), exactly.
+    assert cfg.trainer.serving_ema > 0
+    for name, tensor in worker.learner.serving_model.state_dict().items():
         assert torch.equal(final.dense_state[name], tensor), name
+    trained = worker.learner.model.state_dict()
+    assert any(not torch.equal(final.dense_state[n], trained[n]) for n in trained)  # an average, not a copy
 
     keys, weights = worker.store.table_items(ITEM_TABLE)
     order = torch.argsort(keys)
