@@ -42,7 +42,7 @@ def test_replica_swaps_in_published_versions_and_resumes_after_restart(config, m
         order = torch.argsort(keys)
         assert torch.equal(snap.item_keys, keys[order])
         assert torch.equal(snap.item_rows, weights[order].float())
-        for name, tensor in worker.learner.model.state_dict().items():
+        for name, tensor in worker.learner.serving_model.state_dict().items():
             assert torch.equal(snap.model.state_dict()[name], tensor), name
     finally:
         replica.stop()
