@@ -61,6 +61,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import write_result
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS_MS = {"p50": 100.0, "p99": 500.0}
@@ -549,8 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                      "observer_fetch_max_wait_ms": OBSERVER_FETCH_WAIT_MS},
     })
     out = args.out or RESULTS / ("freshness-quick.json" if args.quick else "freshness.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, out, indent=1)
     print_table(result)
     print(f"wrote {out}")
     if args.json:

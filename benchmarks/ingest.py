@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.report import report
 from liverec.platform.broker import LocalBroker
 from liverec.platform.config import LiverecConfig
 from liverec.platform.datasets import EventTable, SyntheticConfig, synthetic
@@ -159,13 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.events, args.rounds = 20_000, 1
     result = run(args.events, args.rounds, args.partitions, args.seed)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print_table(result)
-        print(f"wrote {args.out}")
+    report(result, args.out, print_table, args.json)
     return 0
 
 

@@ -35,6 +35,8 @@ import time
 from io import BytesIO
 from pathlib import Path
 
+from benchmarks.report import report
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PHASES = ("train", "adam", "adam_fused", "score_all_q", "score_target_q")
@@ -208,13 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         threads, args.rounds, args.iters = [1], 2, 10
     result = run(threads, args.rounds, args.iters, args.seed, args.baseline)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print_table(result)
-        print(f"wrote {args.out}")
+    report(result, args.out, print_table, args.json)
     return 0
 
 

@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.report import write_result
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "@@ "  # protocol lines between this process and its children start with this
@@ -552,8 +554,7 @@ def train_ml100k(args: argparse.Namespace, work: Path) -> dict:
     from liverec.platform.broker import LocalBroker
     from liverec.platform.config import load_config
     from liverec.platform.datasets import load_dataset
-    from liverec.platform.kafka import ensure_topics, make_producer
-    from liverec.platform.replay import rebase_times, replay
+    from liverec.platform.replay import rebase_times, replay_into
     from liverec.trainer.worker import TrainerWorker
 
     broker = LocalBroker(log_dir=work / "broker").start()
@@ -563,12 +564,7 @@ def train_ml100k(args: argparse.Namespace, work: Path) -> dict:
         trainer=dataclasses.replace(base.trainer, state_dir=str(work / "trainer"), metrics_port=-1))
     table, _ = rebase_times(load_dataset(args.dataset).table)
     events = min(args.events, len(table))
-    ensure_topics(config.kafka, config.topics)
-    producer = make_producer(config.kafka)
-    try:
-        replay(table, producer, config.topics.events, limit=events)
-    finally:
-        producer.close()
+    replay_into(config, table, limit=events)
     import torch
 
     threads = torch.get_num_threads()
@@ -738,8 +734,7 @@ def run(args: argparse.Namespace, synthetic: bool, cuda: bool, concurrency: list
     shutil.rmtree(work, ignore_errors=True)
     result = assemble(args, synthetic, setup, paths, time.perf_counter() - started)
     out = args.out or RESULTS / result_name(synthetic, args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, out, indent=1)
     print_summary(result)
     print(f"wrote {out}")
     if args.json:

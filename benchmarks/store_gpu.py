@@ -28,7 +28,6 @@ import argparse
 import copy
 import gc
 import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -37,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from benchmarks.report import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results" / "store_gpu.json"
 HKV_A100 = {"find": (2.0, 2.5), "find_or_insert": (0.6, 1.1)}  # G keys/s, published, A100
@@ -342,8 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "block_sweep": sweep,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, out)
     _print_table(result)
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -24,11 +23,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import report
 from liverec.platform.broker import LocalBroker
 from liverec.platform.config import LiverecConfig, load_config
 from liverec.platform.datasets import EventTable, load_dataset
-from liverec.platform.kafka import ensure_topics, make_producer
-from liverec.platform.replay import rebase_times, replay
+from liverec.platform.replay import rebase_times, replay_into
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("consume", "decode", "history", "prequential", "store", "forward_backward", "state_refresh", "checkpoint",
@@ -46,12 +45,7 @@ def end_to_end(config: LiverecConfig, table: EventTable, events: int) -> dict:
         kafka = dataclasses.replace(config.kafka, bootstrap_servers=broker.bootstrap)
         trainer = dataclasses.replace(config.trainer, state_dir=state_dir, metrics_port=-1)
         config = dataclasses.replace(config, kafka=kafka, trainer=trainer)
-        ensure_topics(config.kafka, config.topics)
-        producer = make_producer(config.kafka)
-        try:
-            replay(table, producer, config.topics.events, limit=events)
-        finally:
-            producer.close()
+        replay_into(config, table, limit=events)
         worker = TrainerWorker(config)
         start = time.perf_counter()
         counters = worker.run(max_events=events)
@@ -132,13 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                    "machine": machine(), "threads": torch.get_num_threads(),
                    "model": dataclasses.asdict(config.model), "batch_events": config.trainer.batch_events})
     out = args.out or RESULTS / ("train.json" if not args.in_memory else f"train_step_{args.device.split(':')[0]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print_table(result)
-        print(f"wrote {out}")
+    report(result, out, print_table, args.json)
     return 0
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from kafka import KafkaProducer
 from tqdm import tqdm
 
+from liverec.platform.config import LiverecConfig
 from liverec.platform.datasets import EventTable
 from liverec.platform.events import MIN_EVENT_TIME_MS, encode_table, sort_check
+from liverec.platform.kafka import ensure_topics, make_producer
 
 _PACE_CHUNK = 256  # events sent between pacing checks: keeps --rate accurate without a clock call per event
 
@@ -87,6 +89,18 @@ def replay(
     if failures:
         raise ReplayError(f"{len(failures)} of {total} events were not delivered; first error: {failures[0]!r}")
     return ReplayReport(topic=topic, events=total, bytes=sent_bytes, seconds=elapsed)
+
+
+
+def replay_into(config: LiverecConfig, table: EventTable, limit: int | None = None) -> ReplayReport:
+    """Create the topics if missing and send `table` (up to `limit` events) to the events topic
+    with a producer of its own: what benchmarks and tests do before a trainer runs."""
+    ensure_topics(config.kafka, config.topics)
+    producer = make_producer(config.kafka)
+    try:
+        return replay(table, producer, config.topics.events, limit=limit)
+    finally:
+        producer.close()
 
 
 # 2020-01-01T00:00:00Z: where a dataset older than the trainer's validity floor is moved to.

@@ -11,8 +11,8 @@ from kafka import TopicPartition
 from liverec.model.config import EncoderConfig, ModelConfig
 from liverec.platform.config import LiverecConfig
 from liverec.platform.datasets import load_dataset
-from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
-from liverec.platform.replay import rebase_times, replay
+from liverec.platform.kafka import make_consumer
+from liverec.platform.replay import rebase_times, replay_into
 
 
 def small(config: LiverecConfig, state_dir: Path, **trainer: object) -> LiverecConfig:
@@ -24,13 +24,7 @@ def small(config: LiverecConfig, state_dir: Path, **trainer: object) -> LiverecC
 
 
 def publish_ml100k(config: LiverecConfig, ml100k: Path, n: int) -> None:
-    ensure_topics(config.kafka, config.topics)
-    table, _ = rebase_times(load_dataset(str(ml100k)).table)
-    producer = make_producer(config.kafka)
-    try:
-        replay(table, producer, config.topics.events, limit=n)
-    finally:
-        producer.close()
+    replay_into(config, rebase_times(load_dataset(str(ml100k)).table)[0], limit=n)
 
 
 def read_topic(config: LiverecConfig, topic: str, partitions: int, idle_s: float = 2.0) -> list:

@@ -157,13 +157,8 @@ def user_rows(cache: KVCache) -> list[Tensor]:
 
 def pad_rows(rows: Sequence[Tensor], row_shape: Sequence[int], device: torch.device | str) -> tuple[Tensor, Tensor]:
     """Left-pad per-user rows into `[B, S, *row_shape]` and their valid mask `[B, S]`."""
-    counts = torch.tensor([r.shape[0] for r in rows], dtype=torch.long)
-    width = int(counts.max()) if len(rows) else 0
-    out = torch.zeros(len(rows), width, *row_shape, dtype=torch.float32)
-    valid = torch.arange(width)[None, :] >= (width - counts)[:, None]
-    if width:
-        out[valid] = torch.cat([r.float() for r in rows])
-    return out.to(device), valid.to(device)
+    flat = torch.cat([r.float() for r in rows]) if rows else torch.zeros(0, *row_shape)
+    return pad_flat_rows(flat, [r.shape[0] for r in rows], device)
 
 
 def pad_flat_rows(flat: Tensor, counts: Sequence[int], device: torch.device | str) -> tuple[Tensor, Tensor]:
