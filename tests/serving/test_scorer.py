@@ -3,7 +3,9 @@
 A batch mixes what a replica's queue mixes: full-catalog queries with and without exclusions,
 candidate lists of different lengths (with unknown and excluded ids), k above what is left, and
 users without state. Every answer must equal the one its query gets when the model scores it
-alone, the simple way.
+alone, the simple way: eagerly and through the full-catalog graphs' static-shape pass (captured
+as CUDA graphs on a GPU, run eagerly on a CPU), also across parameter versions that the graphs'
+static buffers take in turn and a catalog that outgrows them.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from liverec.serving.backend import Answer, HistoryStateSource, ModelSnapshot, Query, Scorer
-from tests.serving.service_harness import COLD_USER, HISTORIES, N_ITEMS, make_snapshot
+from liverec.serving.backend import ITEM_TABLE, Answer, HistoryStateSource, ModelSnapshot, Query, Scorer
+from liverec.serving.params import ParamsVersion
+from tests.serving.service_harness import COLD_USER, HISTORIES, N_ITEMS, NOW_MS, make_snapshot
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -63,12 +66,10 @@ QUERIES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_mixed_batch_answers_each_query_as_if_alone(device: str) -> None:
-    snapshot = on(make_snapshot(), device)
-    answers = Scorer(HistoryStateSource(HISTORIES)).recommend(snapshot, QUERIES)
-    assert len(answers) == len(QUERIES)
-    for q, a in zip(QUERIES, answers):
+def check(snapshot: ModelSnapshot, queries: list[Query], answers: list[Answer]) -> None:
+    """Every answer is its query's reference answer under `snapshot`."""
+    assert len(answers) == len(queries)
+    for q, a in zip(queries, answers):
         assert isinstance(a, Answer) and a.model_version == snapshot.version
         if q.user_id == COLD_USER:
             assert a.cold_start and a.state_version == -1
@@ -77,6 +78,41 @@ def test_a_mixed_batch_answers_each_query_as_if_alone(device: str) -> None:
         assert not a.cold_start and a.state_version == HISTORIES[q.user_id][2]
         assert a.items.tolist() == items, q
         np.testing.assert_allclose(a.scores, scores, rtol=1e-4, atol=1e-5)
+
+
+def other_version(items: int, seed: int, version: int) -> ModelSnapshot:
+    """A snapshot of the harness's model shape with other weights and `items` catalog rows."""
+    base = make_snapshot()
+    torch.manual_seed(seed)
+    model = type(base.model)(base.model.config)
+    rng = np.random.default_rng(seed)
+    dim = base.model.config.encoder.dim
+    rows = {ITEM_TABLE: {k: (rng.standard_normal(dim).astype(np.float32), 1000 - k) for k in range(1, items + 1)}}
+    return ModelSnapshot.build(ParamsVersion(version, NOW_MS, base.model.config, model.state_dict(), rows), "cpu")
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_mixed_batch_answers_each_query_as_if_alone(device: str, graphs: bool) -> None:
+    snapshot = on(make_snapshot(), device)
+    check(snapshot, QUERIES, Scorer(HistoryStateSource(HISTORIES), graphs=graphs).recommend(snapshot, QUERIES))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graphs_take_each_batch_s_version_and_a_grown_catalog(device: str) -> None:
+    """One scorer, batches alternating between versions (the static buffers are reloaded each
+    time), exclusions in one batch cleared before the next, then a catalog too big for them."""
+    scorer = Scorer(HistoryStateSource(HISTORIES), graphs=True)
+    a, b = on(make_snapshot(), device), on(other_version(N_ITEMS, 1, 8), device)
+    scorer.warm(a, batch=4)
+    banned = [Query(1, 5, exclude=np.array([1, 2, 3]), exclude_seen=True), Query(2, 20, exclude_seen=True),
+              Query(3, 4, exclude=np.array([250, 999_999]))]
+    plain = [Query(1, N_ITEMS), Query(2, 20), Query(3, 3)]  # every item of user 1: a stale ban would show
+    for snapshot, queries in [(a, banned), (b, plain), (a, plain), (b, banned), (b, plain)]:
+        check(snapshot, queries, scorer.recommend(snapshot, queries))
+    grown = on(other_version(4 * N_ITEMS, 2, 9), device)  # past the buffers' spare room: new graphs
+    check(grown, QUERIES, scorer.recommend(grown, QUERIES))
+    check(a, plain, scorer.recommend(a, plain))
 
 
 def test_k_beyond_what_is_left_returns_every_remaining_item_once() -> None:
