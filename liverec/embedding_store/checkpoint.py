@@ -41,9 +41,10 @@ from liverec.embedding_store.config import DTYPES, TableConfig
 from liverec.embedding_store.store import EmbeddingStore
 from liverec.embedding_store.table import Table
 
-# Format 2: last_update is int32 seconds from table.TIME_BASE_S (format 1: int64 seconds) and
-# the sketch counters are uint8 (format 1: int32). Format 1 checkpoints are refused.
-FORMAT = 2
+# Format 3: the sketch's counters are packed 2, 4 or 8 bits a cell as min_count allows (format 2:
+# one uint8 per cell); last_update is int32 seconds from table.TIME_BASE_S (format 1: int64
+# seconds). Older formats are refused.
+FORMAT = 3
 MANIFEST = "manifest.json"
 DATA = "data.bin"
 _ALIGN = 64
@@ -313,7 +314,7 @@ def _load_manifest(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: manifest does not match its own sha256 (corrupt)")
     if body.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {body.get('format')!r}, this code reads only format {FORMAT} "
-                              "(format 1 stored int64 update times and int32 sketch counters; no conversion)")
+                              "(format 2 stored a byte per sketch counter, format 1 int64 update times; no conversion)")
     if body.get("seq") != int(match.group(1)) or body.get("kind") != match.group(2):
         raise CheckpointError(f"{path}: manifest says {body.get('seq')}-{body.get('kind')}, the name disagrees")
     return Checkpoint(path, body)

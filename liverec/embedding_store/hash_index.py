@@ -1,10 +1,11 @@
 """A collisionless key -> row index: open addressing over the batched kernels, plus row allocation.
 
-Layout (see `kernels/__init__.py`): `slots`, an int32 array of a power-of-two capacity holding
-row ids, and `row_keys`, the key of each row (EMPTY_KEY for a free row). The index owns
-`row_keys` because probing compares against it; the table reads it as its row -> key column. So
-the index proper costs 4 bytes per slot, 4 / load bytes per key, plus the 8-byte key per row
-that the table needs anyway.
+Layout (see `kernels/__init__.py`): `slots`, an int32 array holding row ids, and `row_keys`, the
+key of each row (EMPTY_KEY for a free row). The index owns `row_keys` because probing compares
+against it; the table reads it as its row -> key column. So the index proper costs 4 bytes per
+slot, 4 / load bytes per key, plus the 8-byte key per row that the table needs anyway. Nothing
+else: the free rows are not held in a list but derived from `row_keys` when rows are handed out
+(see below), so freed rows cost no index bytes.
 
 The arrays live on the index's device and are only ever touched by the kernel module for that
 device (`kernels_for`), so this class is device-agnostic. Two distinct keys never share a row:
@@ -14,18 +15,27 @@ and a row returns to the free list only when `erase` removed its key.
 Row allocation is deliberately outside the probing and deterministic: new keys are inserted in
 sorted order and take the lowest free rows first (then rows above the high-water mark). The
 free rows are therefore always exactly the rows below the high-water mark that hold no key,
-which is why a checkpoint only has to store (key, row) pairs and the high-water mark, and why
-CPU and CUDA assign the same rows even though their slot positions may differ.
+which is why a checkpoint only has to store (key, row) pairs and the high-water mark, why CPU and
+CUDA assign the same rows even though their slot positions may differ, and why the free list
+need not be stored: it is `row_keys[:high_water] == EMPTY_KEY`, computed (one scan) only by an
+insert that has free rows to reuse.
 
 Growth: before an insert, if live keys plus tombstones plus the new keys would pass `max_load`,
-the index rehashes into a larger power of two (or the same size, if tombstones were the
-problem). Tombstones are counted conservatively (an insert may silently reuse one, the kernel
-contract does not report it), so a rehash can come a little early but never late: a probe
-always ends at an EMPTY slot. `row_keys` grows by half (or to what is needed) when rows
-run out, the same policy as the table's other per-row columns (`grown_rows`).
+the index rehashes to `REFILL_LOAD` of max_load (0.6 at the default 0.75), in the smallest
+capacity the device's kernels take (any size on the CPU: growth by about a quarter, so the load
+stays in [0.6, 0.75]; a power of two on CUDA), or in place if tombstones were the problem.
+Tombstones are counted conservatively (an insert may silently reuse one, the kernel contract
+does not report it), so a rehash can come a little early but never late: a probe always ends at
+an EMPTY slot. Shrinking: when erases leave live keys below `SHRINK_LOAD` of max_load, the
+index rehashes down to the same refill load, so an emptied table gives its slots back.
+`row_keys` grows by a 32nd (`grown_metadata_rows`), the policy of all the table's per-row
+metadata: those columns are 16 bytes a row, so small steps are cheap to copy and leave at most a
+32nd of them unused (the weights grow by half, `grown_rows`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,6 +47,14 @@ def grown_rows(current: int, needed: int) -> int:
     copies stay amortised (each row is copied about twice over the table's growth, against once
     for doubling) while the unused tail stays at most a third of the rows."""
     return max(needed, current + max(current // 2, 1))
+
+
+def grown_metadata_rows(current: int, needed: int) -> int:
+    """Rows of the per-row metadata (key, last update, count, change flags) after growing from
+    `current` to hold `needed`: a 32nd more at least (64 rows at least), so an unused tail
+    costs at most half a byte per row of their 16, at about 32 copies of each row's metadata
+    (512 bytes) over the table's growth: a few ms per step at a million rows."""
+    return max(needed, current + max(current // 32, 64))
 
 
 def check_keys(keys: torch.Tensor, device: torch.device) -> None:
@@ -55,8 +73,10 @@ def check_keys(keys: torch.Tensor, device: torch.device) -> None:
         )
 
 
-def _power_of_two_at_least(n: int) -> int:
-    return 1 << max(n - 1, 1).bit_length()
+# A rehash for growth leaves the load at this fraction of max_load; erases that leave live keys
+# below SHRINK_LOAD of max_load rehash down to it. The gap keeps grow/shrink from thrashing.
+REFILL_LOAD = 0.8
+SHRINK_LOAD = 0.25
 
 
 class HashIndex:
@@ -76,16 +96,15 @@ class HashIndex:
         self._live = 0
         self._tombstones = 0
         self._high_water = 0
-        self._free = torch.empty(0, dtype=torch.int64, device=self.device)
         self.row_keys = torch.full((max(rows, 0),), EMPTY_KEY, dtype=torch.int64, device=self.device)
-        self._alloc_slots(_power_of_two_at_least(capacity))
+        self._alloc_slots(self._kernels.capacity_at_least(capacity))
 
     def _alloc_slots(self, capacity: int) -> None:
         self.slots = torch.full((capacity,), EMPTY_SLOT, dtype=SLOT_DTYPE, device=self.device)
 
     @property
     def capacity(self) -> int:
-        """Number of slots (a power of two)."""
+        """Number of slots (a power of two on CUDA)."""
         return self.slots.numel()
 
     @property
@@ -100,8 +119,8 @@ class HashIndex:
 
     @property
     def nbytes(self) -> int:
-        """Memory of the index proper: the slots and the free list (row_keys is per-row metadata)."""
-        return self.slots.numel() * self.slots.element_size() + self._free.numel() * 8
+        """Memory of the index proper: the slots (row_keys is per-row metadata; no free list is held)."""
+        return self.slots.numel() * self.slots.element_size()
 
     @property
     def row_keys_nbytes(self) -> int:
@@ -114,7 +133,7 @@ class HashIndex:
         """Make row_keys hold at least `rows` rows (new rows free)."""
         if rows <= self.row_keys.numel():
             return
-        grown = torch.full((grown_rows(self.row_keys.numel(), rows),), EMPTY_KEY, dtype=torch.int64,
+        grown = torch.full((grown_metadata_rows(self.row_keys.numel(), rows),), EMPTY_KEY, dtype=torch.int64,
                            device=self.device)
         grown[: self.row_keys.numel()] = self.row_keys
         self.row_keys = grown
@@ -149,7 +168,7 @@ class HashIndex:
         if self._live + self._tombstones + keys.numel() <= self.max_load * self.capacity:
             self.reserve_rows(self._high_water + keys.numel())
             rows, new_keys, new_rows = self._kernels.find_or_insert(
-                self.slots, self.row_keys, keys, self._free, self._high_water)
+                self.slots, self.row_keys, keys, self._free_rows(), self._high_water)
             self._took(new_rows.numel())
             return rows, new_keys, new_rows
         rows = self.find(keys)
@@ -167,7 +186,10 @@ class HashIndex:
         released = freed[freed >= 0]
         self._live -= released.numel()
         self._tombstones += released.numel()
-        self._release(released)
+        if self._live < SHRINK_LOAD * self.max_load * self.capacity:
+            fitted = self._fitted(self._live)
+            if fitted < self.capacity:
+                self.rehash(fitted)
         return freed[inverse]
 
     def live_rows(self) -> torch.Tensor:
@@ -180,11 +202,16 @@ class HashIndex:
         return self.row_keys[rows], rows
 
     def rehash(self, capacity: int) -> None:
-        """Move every key into a fresh table of `capacity` slots (tombstones dropped; rows kept)."""
-        capacity = _power_of_two_at_least(capacity)
+        """Move every key into a fresh table of `capacity` slots (tombstones dropped; rows kept).
+
+        Keys are re-inserted in the order of their old slots: with scaled homes (any capacity on
+        the CPU) that order is nearly sorted by home in the new table too, so the inserts walk
+        the new slots almost sequentially instead of at random (several times faster)."""
+        capacity = self._kernels.capacity_at_least(capacity)
         if self._live > self.max_load * capacity:
             raise ValueError(f"{self._live} keys do not fit {capacity} slots at max_load {self.max_load}")
-        keys, rows = self.items()
+        rows = self.slots[self.slots >= 0].long()
+        keys = self.row_keys.index_select(0, rows)
         self._alloc_slots(capacity)
         self._kernels.insert(self.slots, self.row_keys, keys, rows)
         self._tombstones = 0
@@ -193,14 +220,21 @@ class HashIndex:
         """Rehash first if the insert would push load (tombstones included) past max_load."""
         if self._live + self._tombstones + incoming <= self.max_load * self.capacity:
             return
-        capacity = self.capacity
-        while self._live + incoming > self.max_load * capacity / 2:
-            capacity *= 2
-        self.rehash(capacity)
+        self.rehash(max(self.capacity, self._fitted(self._live + incoming)))
+
+    def _fitted(self, keys: int) -> int:
+        """The capacity that holds `keys` at REFILL_LOAD of max_load."""
+        return self._kernels.capacity_at_least(max(math.ceil(keys / (REFILL_LOAD * self.max_load)), 8))
+
+    def _free_rows(self) -> torch.Tensor:
+        """Rows below the high-water mark that hold no key, ascending (derived, not stored)."""
+        if self._live == self._high_water:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        return torch.nonzero(self.row_keys[: self._high_water] == EMPTY_KEY).flatten()
 
     def _allocate(self, n: int) -> torch.Tensor:
         """The n lowest free rows, then fresh rows from the high-water mark."""
-        reused = self._free[:n]
+        reused = self._free_rows()[:n]
         fresh = torch.arange(self._high_water, self._high_water + n - reused.numel(), device=self.device)
         self.reserve_rows(self._high_water + fresh.numel())
         self._took(n)
@@ -208,14 +242,9 @@ class HashIndex:
 
     def _took(self, n: int) -> None:
         """Book n new keys that took the n lowest free rows, then fresh rows."""
-        reused = min(n, self._free.numel())
-        self._free = self._free[reused:]
+        reused = min(n, self._high_water - self._live)
         self._high_water += n - reused
         self._live += n
-
-    def _release(self, rows: torch.Tensor) -> None:
-        if rows.numel():
-            self._free = torch.sort(torch.cat([self._free, rows])).values
 
     @classmethod
     def from_items(
@@ -232,10 +261,9 @@ class HashIndex:
             raise ValueError(f"rows must lie in [0, {high_water}), the high-water mark")
         if torch.unique(keys).numel() != keys.numel() or torch.unique(rows).numel() != rows.numel():
             raise ValueError("keys and rows must each be unique: two keys never share a row")
-        while keys.numel() > index.max_load * index.capacity:
-            index._alloc_slots(index.capacity * 2)
+        if keys.numel() > index.max_load * index.capacity:
+            index._alloc_slots(index._fitted(keys.numel()))
         index._kernels.insert(index.slots, index.row_keys, keys, rows)
         index._live = keys.numel()
         index._high_water = high_water
-        index._free = torch.nonzero(index.row_keys[:high_water] == EMPTY_KEY).flatten()
         return index

@@ -6,13 +6,17 @@ count and its dirty flags. A batch operation is therefore a handful of gathers a
 row indices, on whatever device the table is on.
 
 Bytes per row beyond weights and optimizer state (what `stats()` reports, by component):
-- metadata, 16 per allocated row: key (int64, 8), last update (int32 seconds from TIME_BASE_S,
-  4), count (int32, saturating at 2**30, 4); plus 1 per active change log (dirty flags);
+- metadata, 16 per metadata row: key (int64, 8), last update (int32 seconds from TIME_BASE_S,
+  4), count (int32, saturating at 2**30, 4); plus 1 per active change log (dirty flags). These
+  columns grow by a 32nd (`grown_metadata_rows`), so they hold at most ~1/32 more rows
+  than the high-water mark; the weights and optimizer state grow by half (`grown_rows`: fewer
+  copies of the big rows), and `row_capacity` counts those;
 - index, 4 per slot: int32 row ids at load <= max_load (default 0.75), so 4 / load per key
-  (5.3 at 0.75, 10.7 right after a doubling); plus 8 per free row (the free list);
-- admission sketch, fixed: depth x width uint8 counters (see admission.py), shared by all rows.
-Per-row tensors grow by half at a time (`grown_rows`), so at most a third of the allocated rows
-are an unused tail.
+  (5.3 to 6.7 on the CPU, where the index grows by a quarter; up to 10.7 on CUDA's powers of
+  two); the free rows are derived from the keys, not stored;
+- admission sketch, fixed: depth x width counters (see admission.py), shared by all rows.
+Rows freed by expiry or eviction keep their metadata and weights for reuse (lowest first); the
+high-water mark does not come down.
 
 Train lookups follow the Monolith lifecycle:
 
@@ -130,7 +134,7 @@ class Table:
         self.index = HashIndex(slots, max_load=config.max_load, rows=config.initial_capacity, device=device)
         self.sketch = (
             CountMinSketch(config.sketch_epsilon, config.sketch_delta, seed=derive_seed(seed, config.name, "sketch"),
-                           device=device)
+                           device=device, max_count=config.min_count)
             if config.min_count > 1 else None
         )
         rows = config.initial_capacity
@@ -145,11 +149,18 @@ class Table:
 
     @property
     def row_capacity(self) -> int:
+        """Rows the weights and optimizer state are allocated for (the weights hold one more: the
+        shared zero row)."""
+        return self.weights.shape[0] - 1
+
+    @property
+    def metadata_rows(self) -> int:
+        """Rows the per-row metadata (keys, last update, count, change flags) is allocated for."""
         return self.counts.numel()
 
     @property
     def keys_by_row(self) -> torch.Tensor:
-        """The key of each row (EMPTY_KEY: free); the index's row_keys, at least row_capacity long."""
+        """The key of each row (EMPTY_KEY: free); the index's row_keys, metadata_rows long."""
         return self.index.row_keys
 
     def last_update_s(self, rows: torch.Tensor) -> torch.Tensor:
@@ -380,7 +391,7 @@ class Table:
 
     def start_log(self, cursor: str) -> None:
         """(Re)start tracking changes for `cursor` ("delta" or "checkpoint") from now."""
-        self.logs[cursor] = ChangeLog(self.row_capacity, self.device)
+        self.logs[cursor] = ChangeLog(self.metadata_rows, self.device)
 
     def changes(self, cursor: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows changed and still live, keys removed and not live again) since `cursor` started."""
@@ -421,7 +432,6 @@ class Table:
         another one). The index is rebuilt later, by `rebuild_index`."""
         if rows.numel():
             self._ensure_row_capacity(int(rows.max()) + 1)
-            self.index.reserve_rows(self.row_capacity)
         self.drop_keys(keys)
         self.keys_by_row[rows] = keys
         for name, tensor in self.columns().items():
@@ -434,27 +444,31 @@ class Table:
         rows = torch.nonzero(self.keys_by_row != EMPTY_KEY).flatten()
         self.index = HashIndex.from_items(
             self.keys_by_row[rows], rows, high_water=high_water, capacity=slots,
-            max_load=self.config.max_load, device=self.device, row_capacity=self.row_capacity,
+            max_load=self.config.max_load, device=self.device, row_capacity=self.metadata_rows,
         )
 
     # ----------------------------------------------------------------- storage
 
     def _ensure_row_capacity(self, rows: int) -> None:
-        """Grow every per-row tensor (by `grown_rows`) so rows [0, rows) exist; contents kept.
+        """Grow the per-row tensors so rows [0, rows) exist; contents kept. Weights and optimizer
+        state grow by `grown_rows`, the metadata (the index's keys and the columns here) to the
+        length of the index's `row_keys` (`grown_metadata_rows`).
 
         New rows are left uninitialised (`_init_rows` writes all of a row before it is used)
         except what free rows must hold: the weights' trailing zero row. (Their keys, EMPTY, are
         the index's.)"""
-        if rows <= self.row_capacity:
-            return
-        old, capacity = self.row_capacity, grown_rows(self.row_capacity, rows)
-        self.weights = _grown(self.weights[:old], capacity + 1)
-        self.weights[capacity].zero_()
-        self.state = {name: _grown(state, capacity) for name, state in self.state.items()}
-        self.last_update = _grown(self.last_update, capacity)
-        self.counts = _grown(self.counts, capacity)
-        for log in self.logs.values():
-            log.grow(capacity)
+        if rows > self.row_capacity:
+            old, capacity = self.row_capacity, grown_rows(self.row_capacity, rows)
+            self.weights = _grown(self.weights[:old], capacity + 1)
+            self.weights[capacity].zero_()
+            self.state = {name: _grown(state, capacity) for name, state in self.state.items()}
+        self.index.reserve_rows(rows)
+        metadata_rows = self.index.row_keys.numel()
+        if metadata_rows > self.metadata_rows:
+            self.last_update = _grown(self.last_update, metadata_rows)
+            self.counts = _grown(self.counts, metadata_rows)
+            for log in self.logs.values():
+                log.grow(metadata_rows)
 
     def stats(self) -> TableStats:
         per_row = (self.last_update, self.counts)

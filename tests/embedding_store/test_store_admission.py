@@ -57,6 +57,11 @@ def test_error_bound_holds_empirically(epsilon: float, delta: float) -> None:
     over = float((errors > epsilon * stream.numel()).float().mean())
     assert over <= delta, f"{over:.4f} of keys exceed the bound"
     assert int(errors.max()) > 0, "a sketch this small must collide somewhere (else the test proves nothing)"
+    for max_count in (2, 9):  # narrower counters: the same estimates, capped, so the same bound and decisions
+        narrow = CountMinSketch(epsilon, delta, seed=3, max_count=max_count)
+        for batch in stream.split(8192):
+            narrow.add_and_estimate(batch)
+        assert torch.equal(narrow.estimate(keys), estimates.clamp_max(narrow.cap))
 
 
 def test_counters_saturate_instead_of_overflowing() -> None:
@@ -90,3 +95,35 @@ def test_load_state_checks_the_shape() -> None:
         sketch.load_state(torch.zeros(3, dtype=torch.uint8), 0)
     with pytest.raises(ValueError, match="uint8"):
         sketch.load_state(torch.zeros(sketch.counters.shape, dtype=torch.int32), 0)
+
+
+@pytest.mark.parametrize("max_count,bits", [(2, 2), (3, 2), (4, 4), (15, 4), (16, 8), (255, 8)])
+def test_counters_are_as_narrow_as_the_threshold_allows(max_count: int, bits: int) -> None:
+    sketch = CountMinSketch(0.01, 0.01, seed=0, max_count=max_count)
+    assert (sketch.bits, sketch.cap) == (bits, 2**bits - 1)
+    assert sketch.nbytes == 512 * 5 * bits // 8
+
+
+@pytest.mark.parametrize("max_count", [2, 9, 200])
+def test_packed_counters_match_exact_saturating_counts(max_count: int) -> None:
+    """Packed cells (several a byte) hold exactly min(sum of their keys' counts, cap): the compiled
+    path (distinct keys with counts) and the torch path (repeated keys, the one CUDA runs) agree
+    with a per-cell dict, so neighbouring cells of one byte never disturb each other."""
+    compiled = CountMinSketch(0.05, 0.1, seed=4, max_count=max_count)
+    torch_path = CountMinSketch(0.05, 0.1, seed=4, max_count=max_count)
+    cells: dict[int, int] = {}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        batch = torch.randint(0, 400, (64,), generator=generator) * 7919 - 10**12
+        distinct, counts = torch.unique(batch, return_counts=True)
+        got = compiled.add_and_estimate(distinct, counts)
+        torch_got = torch_path.add_and_estimate(batch)
+        for key, count in zip(distinct.tolist(), counts.tolist()):
+            for cell in compiled._cells(torch.tensor([key])).flatten().tolist():
+                cells[cell] = cells.get(cell, 0) + count
+        want = [min(min(cells[c] for c in compiled._cells(torch.tensor([k])).flatten().tolist()), compiled.cap)
+                for k in distinct.tolist()]
+        assert got.tolist() == want
+        assert torch.equal(torch_got, compiled.estimate(batch))
+    assert torch.equal(compiled.counters, torch_path.counters)
+    assert max(cells.values()) > compiled.cap or max_count == 200  # saturation exercised

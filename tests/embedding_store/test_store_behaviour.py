@@ -269,10 +269,10 @@ def test_stats_account_for_every_byte() -> None:
     assert stats.rows == 100 and stats.row_capacity == table.row_capacity >= 100
     assert stats.bytes_weights == (stats.row_capacity + 1) * 8 * 4  # + the shared zero row
     assert stats.bytes_optimizer == stats.row_capacity * 8 * 4
-    assert stats.bytes_index == stats.capacity * 4  # int32 row per slot; no free rows yet
-    assert table.keys_by_row.numel() >= stats.row_capacity
-    # key (int64, held by the index) + last update (int32) + count (int32) per row
-    assert stats.bytes_metadata == table.keys_by_row.numel() * 8 + stats.row_capacity * (4 + 4)
+    assert stats.bytes_index == stats.capacity * 4  # int32 row per slot, nothing else
+    # key (int64, held by the index) + last update (int32) + count (int32) per metadata row
+    assert table.keys_by_row.numel() == table.metadata_rows >= 100
+    assert stats.bytes_metadata == table.metadata_rows * (8 + 4 + 4)
     assert stats.load == pytest.approx(100 / stats.capacity)
     assert store.bytes_used() == stats.bytes_used
     assert stats.overhead_bytes_per_row == pytest.approx((stats.bytes_index + stats.bytes_metadata) / 100)
@@ -280,7 +280,7 @@ def test_stats_account_for_every_byte() -> None:
     _train(store, list(range(50)), 1, grad=torch.zeros(50, 8))
     store.expire(10**6)  # no TTL: nothing expires; evicting 10 rows frees them onto the free list
     table._remove(torch.arange(10), "evicted")
-    assert store.stats()["t"].bytes_index == stats.capacity * 4 + 10 * 8
+    assert store.stats()["t"].bytes_index == stats.capacity * 4  # free rows are derived, not listed
 
 
 def test_growth_keeps_values_of_existing_rows() -> None:
@@ -288,7 +288,7 @@ def test_growth_keeps_values_of_existing_rows() -> None:
     _train(store, [1, 2], 0, grad=1.0)
     early = store.embed("t", _keys([1, 2])).clone()
     _train(store, list(range(10, 500)), 1)
-    assert store.table("t").row_capacity >= 492 and store.table("t").index.capacity >= 984
+    assert store.table("t").row_capacity >= 492 and store.table("t").index.capacity >= 492 / 0.75
     assert torch.equal(store.embed("t", _keys([1, 2])), early)
 
 

@@ -126,3 +126,30 @@ def test_insert_refuses_unsorted_duplicate_or_present_keys() -> None:
     with pytest.raises(ValueError, match="absent"):
         index.insert(_keys([4, 5]))
     assert len(index) == 1
+
+
+def test_cpu_index_grows_by_a_quarter_not_a_doubling() -> None:
+    """Growth refills to 0.8 of max_load in any slot count the CPU kernels take, so the load
+    stays in [0.6, 0.75] once grown (4 / load bytes of slots per key: at most 6.7)."""
+    index = HashIndex(64)
+    generator = torch.Generator().manual_seed(5)
+    capacities = set()
+    for _ in range(40):
+        index.find_or_insert(torch.randint(-(2**62), 2**62, (500,), generator=generator))
+        capacities.add(index.capacity)
+        assert 0.6 - 1e-3 <= index.load <= 0.75
+    assert any(c & (c - 1) for c in capacities)  # not only powers of two
+    assert max(capacities) < 20_000 / 0.6 * 1.01
+
+
+def test_an_emptied_index_gives_its_slots_back() -> None:
+    index = HashIndex(8)
+    keys = torch.arange(10_000, dtype=torch.int64)
+    rows = index.insert(keys)
+    grown = index.capacity
+    index.erase(keys[100:])
+    assert index.capacity < grown / 10 and len(index) == 100
+    assert torch.equal(index.find(keys[:100]), rows[:100])
+    assert index.find(keys[100:]).eq(-1).all()
+    assert index.insert(_keys([-5, -4])).tolist() == [100, 101]  # lowest free rows first
+    assert index.nbytes == index.capacity * 4  # no free list held

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from liverec.embedding_store.hashing import splitmix64
+from liverec.embedding_store.hashing import shift_right_logical, splitmix64
 from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, TOMBSTONE_SLOT, cpu, kernels_for
 
 
@@ -29,17 +29,19 @@ OPS = st.lists(st.tuples(st.sampled_from(["insert", "erase", "find"]),
                max_size=40)
 
 
+@pytest.mark.parametrize("capacity", [64, 61])
 @settings(max_examples=150, derandomize=True, deadline=None)
 @given(ops=OPS)
-def test_kernels_match_a_dict(ops: list[tuple[str, list[int]]]) -> None:
+def test_kernels_match_a_dict(capacity: int, ops: list[tuple[str, list[int]]]) -> None:
     """Random inserts (of new keys only, as the contract requires), erases and finds on a
-    64-slot table never exceeding half load, against a dict."""
-    slots, row_keys = _table(64)
+    table never exceeding half load, against a dict; a power of two (masked homes) and not
+    (scaled homes, explicit wrap)."""
+    slots, row_keys = _table(capacity)
     model: dict[int, int] = {}
     next_value = 0
     for op, keys in ops:
         if op == "insert":
-            fresh = sorted(set(keys) - set(model))[: 32 - len(model)]
+            fresh = sorted(set(keys) - set(model))[: capacity // 2 - len(model)]
             values = list(range(next_value, next_value + len(fresh)))
             next_value += len(fresh)
             cpu.insert(slots, row_keys, _keys(fresh), _keys(values))
@@ -109,3 +111,17 @@ def test_kernels_refuse_wrong_dtypes_and_non_contiguous_slots() -> None:
         cpu.find(row_keys[:16].clone(), row_keys, _keys([1]))
     with pytest.raises(ValueError, match="contiguous"):
         cpu.find(torch.full((32,), EMPTY_SLOT, dtype=torch.int32)[::2], row_keys, _keys([1]))
+
+
+def test_any_capacity_wraps_probes_past_the_end() -> None:
+    """On a 37-slot table (not a power of two) keys homed at the last slot wrap to slot 0 on."""
+    capacity = 37
+    candidates = torch.arange(200_000, dtype=torch.int64)
+    homes = (shift_right_logical(splitmix64(candidates), 32) * capacity) >> 32
+    keys = candidates[homes == capacity - 1][:3].tolist()
+    slots, row_keys = _table(capacity)
+    cpu.insert(slots, row_keys, _keys(keys), _keys([0, 1, 2]))
+    assert slots[[capacity - 1, 0, 1]].tolist() == [0, 1, 2]
+    cpu.erase(slots, row_keys, _keys(keys[:1]))
+    assert cpu.find(slots, row_keys, _keys(keys)).tolist() == [-1, 1, 2]
+    assert cpu.capacity_at_least(37) == 37

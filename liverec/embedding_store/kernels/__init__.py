@@ -1,10 +1,16 @@
 """Hash-index kernels: one contract, a compiled CPU implementation and a Triton CUDA one.
 
 Layout (format 2). The index is open addressing with linear probing over `slots`, an int32
-array of a power-of-two capacity C holding row ids; the keys live per row, in `row_keys`
-(int64, one per row, EMPTY_KEY for a free row), which the table needs anyway (expiry, eviction,
-deltas and checkpoints go from rows to keys). A slot's home is `splitmix64(key) & (C - 1)`; a
-probe compares `row_keys[slots[s]]` with the key. So the index costs 4 bytes per slot (4 / load
+array of capacity C holding row ids; the keys live per row, in `row_keys` (int64, one per row,
+EMPTY_KEY for a free row), which the table needs anyway (expiry, eviction, deltas and
+checkpoints go from rows to keys). For a power-of-two C a slot's home is
+`splitmix64(key) & (C - 1)` on every backend, so such a table built on one backend can be
+searched on another. The CPU kernels also take any other C (home: the hash's high 32 bits
+scaled to [0, C)), which lets the index grow by a quarter instead of doubling and so hold its
+load between 0.6 and 0.75 (4 / load bytes of slots per key) rather than between 0.375 and 0.75;
+the Triton kernels probe in aligned groups under a mask and keep powers of two. Each backend
+says which sizes it takes with `capacity_at_least(n)`. A probe compares `row_keys[slots[s]]`
+with the key. So the index costs 4 bytes per slot (4 / load
 per row) instead of the 16 of (key, value) slots; the price is one more dependent load per
 occupied slot probed, which the kernels overlap across the slots of a probe group.
 
@@ -13,6 +19,8 @@ erased; a probe walks past it, an insert may reuse it). Key values EMPTY_KEY and
 are reserved and never valid feature ids (EMPTY_KEY marks free rows in `row_keys`).
 
 Every backend module exposes the same batched functions, with no per-key Python loop:
+
+    capacity_at_least(n) -> int                          the smallest slot count >= n it takes
 
     find(slots, row_keys, queries) -> int64[N]           row per query, -1 where absent
     insert(slots, row_keys, keys, rows) -> None          keys unique and absent: row_keys[rows] = keys

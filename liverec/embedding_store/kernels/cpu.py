@@ -34,22 +34,35 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _S30 = np.uint64(30)
 _S27 = np.uint64(27)
 _S31 = np.uint64(31)
+_S32 = np.uint64(32)
+_ONE = np.uint64(1)
 
 
 @numba.njit(cache=True, inline="always")
-def _home(key: np.int64, mask: np.uint64) -> np.int64:
-    """splitmix64(key) & mask: the key's home slot. All arithmetic stays in uint64."""
+def _home(key: np.int64, cap: np.uint64) -> np.int64:
+    """The key's home slot among `cap`: splitmix64(key) & (cap - 1) for a power of two (the
+    layout the CUDA kernels share), else the high 32 hash bits scaled to [0, cap) (a multiply,
+    not a division). All arithmetic stays in uint64."""
     z = np.uint64(key) + _GOLDEN
     z = (z ^ (z >> _S30)) * _MIX1
     z = (z ^ (z >> _S27)) * _MIX2
     z = z ^ (z >> _S31)
-    return np.int64(z & mask)
+    if cap & (cap - _ONE) == 0:
+        return np.int64(z & (cap - _ONE))
+    return np.int64(((z >> _S32) * cap) >> _S32)
 
 
 @numba.njit(cache=True, inline="always")
-def _slot_of(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, mask: np.uint64) -> np.int64:
+def _next(slot: np.int64, cap: np.uint64) -> np.int64:
+    """The slot after `slot`, wrapping at the end of the array (linear probing)."""
+    slot += 1
+    return np.int64(0) if np.uint64(slot) == cap else slot
+
+
+@numba.njit(cache=True, inline="always")
+def _slot_of(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, cap: np.uint64) -> np.int64:
     """The slot holding key's row, or -1 (probe ended at an EMPTY slot, or the table is full)."""
-    slot = _home(key, mask)
+    slot = _home(key, cap)
     for _ in range(slots.shape[0]):
         row = slots[slot]
         if row >= 0:
@@ -57,23 +70,23 @@ def _slot_of(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, mask: np.ui
                 return slot
         elif row == _EMPTY_SLOT:
             return np.int64(-1)
-        slot = np.int64(np.uint64(slot + 1) & mask)
+        slot = _next(slot, cap)
     return np.int64(-1)
 
 
 @numba.njit(cache=True, inline="always")
-def _find_one(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, mask: np.uint64) -> np.int64:
+def _find_one(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, cap: np.uint64) -> np.int64:
     if key == _EMPTY or key == _TOMBSTONE:
         return np.int64(-1)
-    slot = _slot_of(slots, row_keys, key, mask)
+    slot = _slot_of(slots, row_keys, key, cap)
     return np.int64(-1) if slot < 0 else np.int64(slots[slot])
 
 
 @numba.njit(cache=True, inline="always")
-def _erase_one(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, mask: np.uint64) -> np.int64:
+def _erase_one(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, cap: np.uint64) -> np.int64:
     if key == _EMPTY or key == _TOMBSTONE:
         return np.int64(-1)
-    slot = _slot_of(slots, row_keys, key, mask)
+    slot = _slot_of(slots, row_keys, key, cap)
     if slot < 0:
         return np.int64(-1)
     row = np.int64(slots[slot])
@@ -83,56 +96,61 @@ def _erase_one(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, mask: np.
 
 
 @numba.njit(cache=True, inline="always")
-def _insert_one(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, row: np.int64, mask: np.uint64) -> bool:
+def _insert_one(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, row: np.int64, cap: np.uint64) -> bool:
     """Claim the first EMPTY or TOMBSTONE slot on key's path for row; False if there is none."""
     row_keys[row] = key
-    slot = _home(key, mask)
+    slot = _home(key, cap)
     for _ in range(slots.shape[0]):
         if slots[slot] < 0:
             slots[slot] = np.int32(row)
             return True
-        slot = np.int64(np.uint64(slot + 1) & mask)
+        slot = _next(slot, cap)
     row_keys[row] = _EMPTY
     return False
 
 
 @numba.njit(cache=True, parallel=True)
 def _find_parallel(slots: np.ndarray, row_keys: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
-    mask = np.uint64(slots.shape[0] - 1)
+    cap = np.uint64(slots.shape[0])
     for i in numba.prange(queries.shape[0]):
-        out[i] = _find_one(slots, row_keys, queries[i], mask)
+        out[i] = _find_one(slots, row_keys, queries[i], cap)
 
 
 @numba.njit(cache=True)
 def _find_serial(slots: np.ndarray, row_keys: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
-    mask = np.uint64(slots.shape[0] - 1)
+    cap = np.uint64(slots.shape[0])
     for i in range(queries.shape[0]):
-        out[i] = _find_one(slots, row_keys, queries[i], mask)
+        out[i] = _find_one(slots, row_keys, queries[i], cap)
 
 
 @numba.njit(cache=True, parallel=True)
 def _erase_parallel(slots: np.ndarray, row_keys: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
-    mask = np.uint64(slots.shape[0] - 1)
+    cap = np.uint64(slots.shape[0])
     for i in numba.prange(keys.shape[0]):
-        out[i] = _erase_one(slots, row_keys, keys[i], mask)
+        out[i] = _erase_one(slots, row_keys, keys[i], cap)
 
 
 @numba.njit(cache=True)
 def _erase_serial(slots: np.ndarray, row_keys: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
-    mask = np.uint64(slots.shape[0] - 1)
+    cap = np.uint64(slots.shape[0])
     for i in range(keys.shape[0]):
-        out[i] = _erase_one(slots, row_keys, keys[i], mask)
+        out[i] = _erase_one(slots, row_keys, keys[i], cap)
 
 
 @numba.njit(cache=True)
 def _insert(slots: np.ndarray, row_keys: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> np.int64:
     """Insert in order; returns how many keys found no free slot (they are not inserted)."""
-    mask = np.uint64(slots.shape[0] - 1)
+    cap = np.uint64(slots.shape[0])
     lost = 0
     for i in range(keys.shape[0]):
-        if not _insert_one(slots, row_keys, keys[i], rows[i], mask):
+        if not _insert_one(slots, row_keys, keys[i], rows[i], cap):
             lost += 1
     return lost
+
+
+def capacity_at_least(slots: int) -> int:
+    """Slot count for at least `slots`: any size works here (see `_home`), so exactly that."""
+    return max(int(slots), 1)
 
 
 def _check(tensor: torch.Tensor, dtype: torch.dtype = torch.int64) -> None:
@@ -155,9 +173,8 @@ def _inplace(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 
 
 def _table(slots: torch.Tensor, row_keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    cap = slots.numel()
-    if cap == 0 or cap & (cap - 1):
-        raise ValueError(f"capacity must be a power of two, got {cap}")
+    if slots.numel() == 0:
+        raise ValueError("capacity must be at least 1 slot")
     return _inplace(slots, SLOT_DTYPE), _inplace(row_keys, torch.int64)
 
 

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 import torch
 
-from liverec.embedding_store.kernels.cpu import _find_one, _home
+from liverec.embedding_store.kernels.cpu import _find_one, _home, _next
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -53,12 +53,12 @@ def _dedup(keys: np.ndarray, distinct: np.ndarray, inverse: np.ndarray, occurren
     size = 1
     while size < 2 * n:
         size *= 2
-    mask = np.uint64(size - 1)
+    cap = np.uint64(size)
     table = np.full(size, -1, dtype=np.int32)
     count = 0
     for i in range(n):
         key = keys[i]
-        slot = _home(key, mask)
+        slot = _home(key, cap)
         while True:
             d = table[slot]
             if d < 0:
@@ -70,7 +70,7 @@ def _dedup(keys: np.ndarray, distinct: np.ndarray, inverse: np.ndarray, occurren
                 break
             if distinct[d] == key:
                 break
-            slot = np.int64(np.uint64(slot + 1) & mask)
+            slot = _next(slot, cap)
         inverse[i] = d
         occurrences[d] += 1
     return count
@@ -78,9 +78,9 @@ def _dedup(keys: np.ndarray, distinct: np.ndarray, inverse: np.ndarray, occurren
 
 @numba.njit(cache=True, parallel=True)
 def _find_all(slots: np.ndarray, row_keys: np.ndarray, keys: np.ndarray, out: np.ndarray) -> None:
-    mask = np.uint64(slots.shape[0] - 1)
+    cap = np.uint64(slots.shape[0])
     for i in numba.prange(keys.shape[0]):
-        out[i] = _find_one(slots, row_keys, keys[i], mask)
+        out[i] = _find_one(slots, row_keys, keys[i], cap)
 
 
 def dedup_find(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor
@@ -97,33 +97,46 @@ def dedup_find(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor
     return distinct, inverse, occurrences, rows
 
 
+@numba.njit(cache=True, inline="always")
+def _cell(h: np.uint64, r: int, width: int) -> np.int64:
+    """Row r's cell of a key hashed to h: (h1 + r * h2) mod width, in row r's block."""
+    wmask = np.uint64(width - 1)
+    first, step = h & wmask, (h >> np.uint64(32)) | np.uint64(1)
+    return np.int64((first + np.uint64(r) * step) & wmask) + r * width
+
+
 @numba.njit(cache=True)
 def _sketch(counters: np.ndarray, keys: np.ndarray, counts: np.ndarray, seed: np.int64, width: int, depth: int,
-            cap: int, out: np.ndarray) -> None:
-    wmask = np.uint64(width - 1)
+            bits: int, per_byte_log2: int, out: np.ndarray) -> None:
+    cap = (1 << bits) - 1
+    low = (1 << per_byte_log2) - 1
     for i in range(keys.shape[0]):
         h = _splitmix64(np.uint64(keys[i] ^ seed))
-        first, step = h & wmask, (h >> np.uint64(32)) | np.uint64(1)
         add = min(counts[i], cap)
         for r in range(depth):
-            cell = np.int64((first + np.uint64(r) * step) & wmask) + r * width
-            counters[cell] = min(np.int64(counters[cell]) + add, cap)
+            cell = _cell(h, r, width)
+            byte, shift = cell >> per_byte_log2, (cell & low) * bits
+            packed = np.int64(counters[byte])
+            value = (packed >> shift) & cap
+            raised = min(value + add, cap)
+            counters[byte] = np.uint8(packed + ((raised - value) << shift))
     for i in range(keys.shape[0]):
         h = _splitmix64(np.uint64(keys[i] ^ seed))
-        first, step = h & wmask, (h >> np.uint64(32)) | np.uint64(1)
         best = cap
         for r in range(depth):
-            cell = np.int64((first + np.uint64(r) * step) & wmask) + r * width
-            best = min(best, np.int64(counters[cell]))
+            cell = _cell(h, r, width)
+            best = min(best, (np.int64(counters[cell >> per_byte_log2]) >> ((cell & low) * bits)) & cap)
         out[i] = best
 
 
 def sketch_add_estimate(counters: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, *, seed: int, width: int,
-                        depth: int, cap: int) -> torch.Tensor:
-    """Add each (distinct) key `counts` times to a uint8 count-min sketch; each key's estimate."""
+                        depth: int, bits: int) -> torch.Tensor:
+    """Add each (distinct) key `counts` times to a count-min sketch of `bits`-bit counters
+    packed in uint8 bytes (saturating at 2**bits - 1); each key's estimate."""
     out = torch.empty(keys.numel(), dtype=torch.int64)
+    per_byte_log2 = 3 - (bits.bit_length() - 1)  # cells a byte: 4 of 2 bits, 2 of 4, 1 of 8
     _sketch(counters.numpy(), keys.contiguous().numpy(), counts.contiguous().numpy(), np.int64(seed), width, depth,
-            cap, out.numpy())
+            bits, per_byte_log2, out.numpy())
     return out
 
 

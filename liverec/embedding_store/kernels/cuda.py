@@ -324,6 +324,11 @@ def _finish_kernel(slots, row_keys, keys_ptr, pos, fresh_ptr, new_index, rank_of
     tl.store(new_rows + rank, row, mask=coded)
 
 
+def capacity_at_least(slots: int) -> int:
+    """Slot count for at least `slots`: the next power of two (the probe wraps with a mask)."""
+    return 1 << max(int(slots) - 1, 1).bit_length()
+
+
 def _check(slots: torch.Tensor, row_keys: torch.Tensor, *keys: torch.Tensor) -> int:
     """Validate the table and key tensors; return capacity - 1 (the probe mask)."""
     cap = slots.numel()
