@@ -22,6 +22,7 @@ import torch
 
 from liverec.embedding_store.config import TableConfig
 from liverec.embedding_store.hashing import as_int32, shift_right_logical, splitmix64
+from liverec.embedding_store.kernels import cpu_step
 
 _GOLDEN32 = as_int32(0x9E3779B9)
 _FMIX1 = as_int32(0x85EBCA6B)
@@ -40,7 +41,14 @@ def _fmix32_(h: torch.Tensor, scratch: torch.Tensor) -> None:
 
 
 def _uniforms(keys: torch.Tensor, count: int, table_seed: int) -> torch.Tensor:
-    """(n, count) float32 uniforms in [0, 1), element j of row i a function of (table_seed, keys[i], j)."""
+    """(n, count) float32 uniforms in [0, 1), element j of row i a function of (table_seed, keys[i], j).
+    On the CPU the same bits come from one compiled pass (`cpu_step.uniforms`)."""
+    if keys.device.type == "cpu":
+        return cpu_step.uniforms(keys, count, table_seed)
+    return _uniforms_torch(keys, count, table_seed)
+
+
+def _uniforms_torch(keys: torch.Tensor, count: int, table_seed: int) -> torch.Tensor:
     seed = splitmix64(keys ^ table_seed)
     low = seed.to(torch.int32).unsqueeze(1)
     high = shift_right_logical(seed, 32).to(torch.int32).unsqueeze(1)

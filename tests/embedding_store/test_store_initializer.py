@@ -53,3 +53,12 @@ def test_zeros_odd_dims_and_dtypes(dtype: str) -> None:
     assert rows.shape == (10, 5) and rows.dtype == config.torch_dtype and bool(rows.any())
     zeros = initial_rows(dataclasses.replace(config, initializer="zeros"), 1, KEYS[:10])
     assert not bool(zeros.any())
+
+
+def test_compiled_uniforms_are_the_torch_ops_bit_for_bit() -> None:
+    """The CPU builds initial rows from a compiled pass; CUDA from the torch ops: same bits."""
+    from liverec.embedding_store.initializer import _uniforms, _uniforms_torch
+
+    keys = torch.cat([KEYS, torch.tensor([-(2**63) + 2, 2**63 - 1, 0, -1])])
+    for seed in (0, derive_seed(5, "item"), -(2**63)):
+        assert torch.equal(_uniforms(keys, 65, seed), _uniforms_torch(keys, 65, seed))

@@ -13,6 +13,7 @@ temporary, and on a 2-core CPU those passes, not arithmetic, are the cost. Here:
   same cells and the same saturating sums as `CountMinSketch.add_and_estimate` (all increments
   first, then the estimates, so colliding keys of one batch see each other's counts).
 - `touch`: count and time-stamp the hit rows.
+- `uniforms`: the counter-based uniforms new rows are initialised from (initializer.py).
 - `apply_gradients`: per distinct row, sum its occurrences' gradients (in occurrence order, so
   the result is deterministic), reject a non-finite sum, and apply sgd / adagrad / adam to the
   row and its state, rows in parallel (distinct rows never share memory). Float32 weights only;
@@ -137,6 +138,36 @@ def sketch_add_estimate(counters: torch.Tensor, keys: torch.Tensor, counts: torc
     per_byte_log2 = 3 - (bits.bit_length() - 1)  # cells a byte: 4 of 2 bits, 2 of 4, 1 of 8
     _sketch(counters.numpy(), keys.contiguous().numpy(), counts.contiguous().numpy(), np.int64(seed), width, depth,
             bits, per_byte_log2, out.numpy())
+    return out
+
+
+_M32 = np.uint64(0xFFFFFFFF)
+_GOLDEN32 = np.uint64(0x9E3779B9)
+_FMIX1 = np.uint64(0x85EBCA6B)
+_FMIX2 = np.uint64(0xC2B2AE35)
+
+
+@numba.njit(cache=True, parallel=True)
+def _uniforms(keys: np.ndarray, seed: np.int64, out: np.ndarray) -> None:
+    unit = np.float32(2.0**-24)
+    for i in numba.prange(keys.shape[0]):
+        s = _splitmix64(np.uint64(keys[i] ^ seed))
+        low, high = s & _M32, s >> np.uint64(32)
+        for j in range(out.shape[1]):
+            h = ((np.uint64(j) * _GOLDEN32 + low) & _M32) ^ high
+            h ^= h >> np.uint64(16)
+            h = (h * _FMIX1) & _M32
+            h ^= h >> np.uint64(13)
+            h = (h * _FMIX2) & _M32
+            h ^= h >> np.uint64(16)
+            out[i, j] = np.float32(h >> np.uint64(8)) * unit
+
+
+def uniforms(keys: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """The initializer's (n, count) float32 uniforms (`initializer._uniforms`), bit for bit, in
+    one compiled pass instead of a dozen int32 passes over an (n, count) buffer."""
+    out = torch.empty(keys.numel(), count, dtype=torch.float32)
+    _uniforms(keys.contiguous().numpy(), np.int64(seed), out.numpy())
     return out
 
 
