@@ -152,6 +152,14 @@ class HashIndex:
             raise ValueError("insert takes sorted unique keys (deduplicate misses with torch.unique)")
         if bool((self._kernels.find(self.slots, self.row_keys, keys) >= 0).any()):
             raise ValueError("insert takes absent keys only; a present key would get a second row")
+        return self.insert_missed(keys)
+
+    def insert_missed(self, keys: torch.Tensor) -> torch.Tensor:
+        """`insert` without its checks, for a caller that holds the proof: keys this index's
+        own find just missed, deduplicated and sorted, on the right device (the table's train
+        step). The checks cost a second probe of every new key, each batch."""
+        if keys.numel() == 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
         self._reserve(keys.numel())
         rows = self._allocate(keys.numel())
         self._kernels.insert(self.slots, self.row_keys, keys, rows)

@@ -238,7 +238,7 @@ class Table:
         if eligible.numel() == 0:
             return
         new_keys = missed[eligible]
-        new_rows = self.index.insert(new_keys)
+        new_rows = self.index.insert_missed(new_keys)  # missed by this step's find, sorted, unique
         self._ensure_row_capacity(self.index.high_water)
         self._init_rows(new_keys, new_rows, now_s)
         self.counters["admitted"] += new_keys.numel()
