@@ -209,7 +209,8 @@ class Table:
         return self.weights.index_select(0, torch.where(rows < 0, zero_row, rows))
 
     def frequency(self, keys: torch.Tensor) -> torch.Tensor:
-        """Train-lookup count per key: the row's count if admitted, else the sketch estimate."""
+        """Train-lookup count per key: the row's count if admitted, else the sketch estimate (at
+        most the sketch's counter cap, e.g. 3 at min_count <= 3: see admission.py)."""
         rows = self.index.find(keys)
         counts = self.counts.index_select(0, rows.clamp(min=0)).long()
         if self.sketch is None:

@@ -283,6 +283,19 @@ def test_stats_account_for_every_byte() -> None:
     assert store.stats()["t"].bytes_index == stats.capacity * 4  # free rows are derived, not listed
 
 
+def test_expiring_most_rows_gives_the_index_slots_back() -> None:
+    """The slot array follows the live rows down (rows themselves keep their ids for reuse)."""
+    store = _store(ttl_s=10)
+    _train(store, list(range(5000)), 0)
+    _train(store, list(range(100)), 20)
+    grown = store.stats()["t"].capacity
+    assert store.expire(25) == 4900
+    stats = store.stats()["t"]
+    assert stats.rows == 100 and stats.capacity < grown / 10 and stats.bytes_index == stats.capacity * 4
+    assert _live(store) == list(range(100))
+    assert _train(store, [7000, 7001], 26).tolist() == [100, 101]  # lowest free rows first
+
+
 def test_growth_keeps_values_of_existing_rows() -> None:
     store = _store(initial_capacity=2, optimizer="sgd", lr=1.0)
     _train(store, [1, 2], 0, grad=1.0)
