@@ -83,8 +83,9 @@ class Replica:
         self.materializer = ParamsMaterializer()
         self._snapshot: ModelSnapshot | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._lag: dict[tuple[str, int], int] = {}
+        self._lag_reported: set[str] = set()  # topics whose consumer has measured its lag
         self.on_snapshot: Callable[[ModelSnapshot], None] | None = None
         self._load_committed()
 
@@ -99,7 +100,8 @@ class Replica:
 
     def ready(self) -> bool:
         """A snapshot exists and every partition is within `ready_max_lag` records of its end."""
-        if self._snapshot is None or not self._lag:
+        topics = self.config.topics
+        if self._snapshot is None or self._lag_reported != {topics.params, topics.user_state}:
             return False
         return max(self._lag.values()) <= self.config.serving.ready_max_lag
 
@@ -156,27 +158,31 @@ class Replica:
     # -- consuming -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="replica", daemon=True)
-        self._thread.start()
+        """One consumer thread per topic: a state record never waits behind a parameter version
+        being materialised (item-side tensors are rebuilt then), which is what freshness needs."""
+        topics = self.config.topics
+        self._threads = [threading.Thread(target=self._run, args=(topic,), name=f"replica-{topic}", daemon=True)
+                         for topic in (topics.params, topics.user_state)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
         for family in (self._state, self._meta, self._rows):  # each handle holds the DB open
             family.close()
         self._db.close()
 
-    def _run(self) -> None:
-        topics = self.config.topics
+    def _run(self, topic: str) -> None:
         consumer = make_consumer(self.config.kafka, group_id=None)
         try:
-            tps = self._assign(consumer, [topics.params, topics.user_state])
+            tps = self._assign(consumer, [topic])
             pending_rows: dict[bytes, bytes | None] = {}
             while not self._stop.is_set():
                 polled = consumer.poll(timeout_ms=100)
-                for tp, records in sorted(polled.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
-                    if tp.topic == topics.params:
+                for tp, records in sorted(polled.items(), key=lambda kv: kv[0].partition):
+                    if topic == self.config.topics.params:
                         self._apply_params(records, pending_rows)
                     else:
                         self._apply_states(tp, records)
@@ -259,4 +265,6 @@ class Replica:
             if end is None:
                 continue
             self._lag[(tp.topic, tp.partition)] = max(0, end - consumer.position(tp))
+        if all(consumer.highwater(tp) is not None for tp in tps):
+            self._lag_reported.update(tp.topic for tp in tps)
 

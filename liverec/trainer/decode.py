@@ -7,6 +7,7 @@ topic.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -62,6 +63,14 @@ class EventBatch:
 
     def __len__(self) -> int:
         return len(self.user_id)
+
+
+def concat_batches(batches: list[EventBatch]) -> EventBatch:
+    """One batch of `batches`' events, in order."""
+    if len(batches) == 1:
+        return batches[0]
+    return EventBatch(**{f.name: np.concatenate([getattr(b, f.name) for b in batches])
+                         for f in dataclasses.fields(EventBatch)})
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,19 @@
 The trainer needs every touched user's recent events to build the model's input windows; the
 state codecs later rebuild a user's K/V from it. One record per user keeps reads to one multi-get
 per micro-batch. Records are fixed-width little-endian arrays, so decoding is a numpy view.
+
+Events the worker has received but the learner has not yet learned are *staged*: held in memory
+beside the database, read with `get_many(..., staged=True)`, and moved out of the stage when
+`append` writes them. The state refresh reads through the stage, so a user's served state
+includes an event as soon as it arrives, while the database (and so every checkpoint) holds
+exactly the learned events and stays consistent with the checkpointed offsets.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,29 +71,68 @@ class HistoryStore:
         options.create_if_missing(True)
         self._options = options
         self._db = Rdict(str(self.path), options)
+        # user -> staged events (item, time_ms, action), oldest first. The lock makes `append`
+        # (database write + unstage) one step for readers on another thread.
+        self._staged: dict[int, deque[tuple[int, int, int]]] = {}
+        self._lock = threading.Lock()
 
-    def get_many(self, user_ids: np.ndarray) -> list[History]:
+    def get_many(self, user_ids: np.ndarray, *, staged: bool = False) -> list[History]:
+        """Each user's stored history; with `staged`, followed by the user's staged events (the
+        newest `max_events` of both)."""
         if len(user_ids) == 0:
             return []
-        raws = self._db.get([user_key(u) for u in user_ids.tolist()])
-        return [_decode(raw) for raw in raws]
+        with self._lock:
+            raws = self._db.get([user_key(u) for u in user_ids.tolist()])
+            stored = [_decode(raw) for raw in raws]
+            if not staged or not self._staged:
+                return stored
+            return [self._with_staged(h, self._staged.get(u)) for h, u in zip(stored, user_ids.tolist())]
+
+    def _with_staged(self, history: History, staged: deque[tuple[int, int, int]] | None) -> History:
+        if not staged:
+            return history
+        extra = np.array(staged, dtype=np.int64).reshape(-1, 3)
+        return History(np.concatenate((history.item, extra[:, 0]))[-self.max_events:],
+                       np.concatenate((history.time_ms, extra[:, 1]))[-self.max_events:],
+                       np.concatenate((history.action, extra[:, 2].astype(np.int8)))[-self.max_events:])
+
+    def stage(self, user_ids: np.ndarray, item: np.ndarray, time_ms: np.ndarray, action: np.ndarray) -> None:
+        """Hold events (arrival order) until `append` writes them; readers with `staged=True` see them now."""
+        with self._lock:
+            for user, i, t, a in zip(user_ids.tolist(), item.tolist(), time_ms.tolist(), action.tolist()):
+                self._staged.setdefault(user, deque()).append((i, t, a))
+
+    def staged_count(self) -> int:
+        with self._lock:
+            return sum(len(q) for q in self._staged.values())
 
     def append(self, user_ids: np.ndarray, item: np.ndarray, time_ms: np.ndarray, action: np.ndarray) -> None:
-        """Append events (arrival order) to their users' histories, in one atomic write batch."""
+        """Append events (arrival order) to their users' histories, in one atomic write batch, and
+        take each user's as many oldest staged events out of the stage (they are these events:
+        events are learned in the order they were staged)."""
         if len(user_ids) == 0:
             return
         order = np.argsort(user_ids, kind="stable")
         users, starts = np.unique(user_ids[order], return_index=True)
         ends = np.append(starts[1:], len(order))
-        current = self.get_many(users)
-        batch = WriteBatch(raw_mode=True)
-        for user, start, end, old in zip(users.tolist(), starts.tolist(), ends.tolist(), current):
-            idx = order[start:end]
-            new_item = np.concatenate((old.item, item[idx]))[-self.max_events:]
-            new_time = np.concatenate((old.time_ms, time_ms[idx]))[-self.max_events:]
-            new_action = np.concatenate((old.action, action[idx]))[-self.max_events:]
-            batch.put(user_key(user), _encode(new_item, new_time, new_action))
-        self._db.write(batch)
+        with self._lock:
+            current = [_decode(raw) for raw in self._db.get([user_key(u) for u in users.tolist()])]
+            batch = WriteBatch(raw_mode=True)
+            for user, start, end, old in zip(users.tolist(), starts.tolist(), ends.tolist(), current):
+                idx = order[start:end]
+                new_item = np.concatenate((old.item, item[idx]))[-self.max_events:]
+                new_time = np.concatenate((old.time_ms, time_ms[idx]))[-self.max_events:]
+                new_action = np.concatenate((old.action, action[idx]))[-self.max_events:]
+                batch.put(user_key(user), _encode(new_item, new_time, new_action))
+            self._db.write(batch)
+            for user, start, end in zip(users.tolist(), starts.tolist(), ends.tolist()):
+                queue = self._staged.get(user)
+                if queue is None:
+                    continue
+                for _ in range(min(end - start, len(queue))):
+                    queue.popleft()
+                if not queue:
+                    del self._staged[user]
 
     def num_users(self) -> int:
         return sum(1 for _ in self._db.keys())
@@ -101,7 +148,9 @@ class HistoryStore:
         Checkpoint(self._db).create_checkpoint(str(dest))
 
     def restore_from(self, source: str | Path) -> None:
-        """Replace the live database with a copy of checkpoint `source`."""
+        """Replace the live database with a copy of checkpoint `source` (the stage is emptied:
+        its events come again from the checkpoint's offsets)."""
+        self._staged.clear()
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
         shutil.copytree(source, self.path)

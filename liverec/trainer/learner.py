@@ -1,9 +1,10 @@
 """The online learning step, independent of Kafka: one micro-batch of events in, an updated model out.
 
-For each micro-batch, in this order:
+For each micro-batch, in this order (`receive` does 1-2, `learn` 3-4, `step` all four):
 1. prequential test: every event that has at least one earlier event of its user is ranked
-   against the full catalog by the model as it was *before* this batch (and by item popularity,
-   the baseline), giving online HR@10 / NDCG@10 that no training data has leaked into;
+   against the full catalog by the serving model (what a replica would have answered) as it was
+   *before* this batch (and by item popularity, the baseline), giving online HR@10 / NDCG@10
+   that no training data has leaked into;
 2. admission: the events' items are counted, and admitted into the item table when frequent
    enough;
 3. training: one window per user (stored history + new events, chunked when a user brings more
@@ -14,12 +15,20 @@ For each micro-batch, in this order:
 4. the user histories are extended.
 The worker adds Kafka, checkpoints, the DLQ and metrics around this; `liverec evaluate` drives it
 directly over a dataset for the "one streaming pass" model.
+
+The worker calls `receive` as events arrive (their items then have rows, so the user states it
+refreshes at once encode them) and runs `learn` on a thread of its own, so every touch of the
+item table and every use or update of the serving weights happen under `OnlineLearner.lock`; a
+reader holding the lock sees one consistent version of both. The forward and backward passes,
+the bulk of a step, run outside it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -67,6 +76,18 @@ class StageClock:
         now = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
         self._last = now
+
+
+@dataclass(frozen=True)
+class Prequential:
+    """Sums over the events of one batch ranked before it was learned (model and popularity)."""
+
+    scored: int = 0
+    hits: float = 0.0
+    ndcg_sum: float = 0.0
+    pop_hits: float = 0.0
+    pop_ndcg_sum: float = 0.0
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -167,8 +188,10 @@ class OnlineLearner:
         self.model = SequentialRecommender(model_config).to(self.device)
         self.serving_ema = serving_ema
         #: What serving receives and states are encoded with: the trained weights' moving
-        #: average (trainer.serving_ema), or the trained model itself when that is 0.
-        self.serving_model = copy.deepcopy(self.model).eval() if serving_ema > 0 else self.model
+        #: average (trainer.serving_ema), or with 0 their copy after each step. Always a separate
+        #: module, so a reader on another thread never sees weights mid-update.
+        self.serving_model = copy.deepcopy(self.model).eval()
+        self.lock = threading.RLock()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=dense_lr, fused=True)
         self.items = items
         self.history = history
@@ -194,47 +217,48 @@ class OnlineLearner:
     # -- prequential ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _prequential(self, w: Windows, targets_mask: np.ndarray) -> tuple[int, float, float, float, float]:
-        keys, weights, counts = self.items.catalog()
+    def _prequential(self, w: Windows, targets_mask: np.ndarray) -> Prequential:
+        """Ranks by the serving model (always in eval mode; the lock keeps its weights still)."""
         n = int(targets_mask.sum())
         if n == 0:
-            return 0, 0.0, 0.0, 0.0, 0.0
-        self.model.eval()
-        try:
-            items = torch.from_numpy(w.items).to(self.device)
+            return Prequential()
+        model = self.serving_model
+        items = torch.from_numpy(w.items).to(self.device)
+        mask = torch.from_numpy(targets_mask).to(self.device)
+        # Query tokens only after slots that hold a target, and no event outputs: same ranks.
+        slots = mask.any(0).nonzero().squeeze(1)
+        with self.lock:
+            keys, weights, counts = self.items.catalog()
             emb = self.items.embed(items.reshape(-1)).reshape(*items.shape, -1).detach()
-            mask = torch.from_numpy(targets_mask).to(self.device)
-            # Query tokens only after slots that hold a target, and no event outputs: same ranks.
-            slots = mask.any(0).nonzero().squeeze(1)
-            out = self.model.encoder(emb[:, :-1], torch.from_numpy(w.actions[:, :-1]).to(self.device),
-                                     torch.from_numpy(w.valid[:, :-1]).to(self.device), None, slots, hidden=False)
+            out = model.encoder(emb[:, :-1], torch.from_numpy(w.actions[:, :-1]).to(self.device),
+                                torch.from_numpy(w.valid[:, :-1]).to(self.device), None, slots, hidden=False)
             user_hidden = out.query_hidden[mask[:, slots]]
-            targets = items[:, 1:][mask]
-            scores = self.model.retrieval_scores(user_hidden, self.model.retrieval.item_side(weights))
-            ranks = catalog_ranks(scores, keys, targets)
-            pop_scores = counts.float()[None, :].expand(len(targets), -1)
-            pop_ranks = catalog_ranks(pop_scores, keys, targets)
-        finally:
-            self.model.train()
-        return (n, hit_rate(ranks, EVAL_K).sum().item(), ndcg(ranks, EVAL_K).sum().item(),
-                hit_rate(pop_ranks, EVAL_K).sum().item(), ndcg(pop_ranks, EVAL_K).sum().item())
+            scores = model.retrieval_scores(user_hidden, model.retrieval.item_side(weights))
+        targets = items[:, 1:][mask]
+        ranks = catalog_ranks(scores, keys, targets)
+        pop_scores = counts.float()[None, :].expand(len(targets), -1)
+        pop_ranks = catalog_ranks(pop_scores, keys, targets)
+        return Prequential(n, hit_rate(ranks, EVAL_K).sum().item(), ndcg(ranks, EVAL_K).sum().item(),
+                           hit_rate(pop_ranks, EVAL_K).sum().item(), ndcg(pop_ranks, EVAL_K).sum().item())
 
     # -- training ------------------------------------------------------------------------------
 
     def _train(self, w: Windows, loss_mask: np.ndarray, now_s: int, clock: StageClock) -> float:
-        keys, _weights, counts = self.items.catalog()
-        if len(keys) == 0 or not loss_mask.any():
-            return math.nan
-        items = torch.from_numpy(w.items).to(self.device)
-        emb = self.items.embed(items.reshape(-1)).reshape(*items.shape, -1)
+        with self.lock:
+            keys, _weights, counts = self.items.catalog()
+            if len(keys) == 0 or not loss_mask.any():
+                return math.nan
+            items = torch.from_numpy(w.items).to(self.device)
+            emb = self.items.embed(items.reshape(-1)).reshape(*items.shape, -1)
+            neg_ids, full = draw_negatives(keys, self.negatives, self.full_softmax_items, self.generator)
+            neg_ids = neg_ids.to(self.device)
+            neg_emb = self.items.embed(neg_ids)
         total = counts.sum().clamp(min=1).float()
         log_freq = self._log_freq(keys, counts, total, items)
-        neg_ids, full = draw_negatives(keys, self.negatives, self.full_softmax_items, self.generator)
-        neg_ids = neg_ids.to(self.device)
         batch = TrainBatch(
             item_emb=emb, item_ids=items, actions=torch.from_numpy(w.actions).to(self.device),
             valid=torch.from_numpy(w.valid).to(self.device), log_q=log_freq,
-            neg_emb=self.items.embed(neg_ids), neg_ids=neg_ids,
+            neg_emb=neg_emb, neg_ids=neg_ids,
             log_q_neg=torch.full((len(neg_ids),), -math.log(len(keys)), device=self.device),
             loss_mask=torch.from_numpy(loss_mask).to(self.device), full_catalog=full,
         )
@@ -244,7 +268,8 @@ class OnlineLearner:
         losses.total.backward()
         self.optimizer.step()
         clock.lap("forward_backward")
-        self.items.step(now_s)
+        with self.lock:
+            self.items.step(now_s)
         clock.lap("store")
         return float(losses.total.detach())
 
@@ -297,15 +322,34 @@ class OnlineLearner:
     @torch.no_grad()
     def _average(self) -> None:
         """Move the serving weights towards the trained ones (see TrainerConfig.serving_ema)."""
-        if self.serving_model is self.model:
-            return
         d = self.serving_ema
         for avg, live in zip(self.serving_model.parameters(), self.model.parameters()):
-            avg.mul_(d).add_(live, alpha=1.0 - d)
+            if d == 0:
+                avg.copy_(live)
+            else:
+                avg.mul_(d).add_(live, alpha=1.0 - d)
         for avg, live in zip(self.serving_model.buffers(), self.model.buffers()):
             avg.copy_(live)
 
-    def step(self, batch: EventBatch) -> StepResult:
+    def receive(self, batch: EventBatch) -> Prequential:
+        """Prequential test and admission of a batch as it arrives, before it is learned; the
+        context of each user is the stored history and the events received before (staged)."""
+        if len(batch) == 0:
+            return Prequential()
+        start = time.perf_counter()
+        order = np.argsort(batch.user_id, kind="stable")
+        users, starts = np.unique(batch.user_id[order], return_index=True)
+        w = build_windows(users, self.history.get_many(users, staged=True), batch, order, starts, self.max_len)
+        # Slot t predicts slot t+1: a target is a new event with a real event right before it.
+        result = self._prequential(w, w.is_new[:, 1:] & w.valid[:, :-1])
+        now_s = int(batch.event_time_ms.max()) // 1000
+        with self.lock:
+            self.items.observe(torch.from_numpy(np.ascontiguousarray(batch.item_id)).to(self.device), now_s)
+        return dataclasses.replace(result, seconds=time.perf_counter() - start)
+
+    def learn(self, batch: EventBatch) -> StepResult:
+        """Train on a received batch and extend the histories; returns the loss and stage times
+        (the prequential fields are `receive`'s)."""
         if len(batch) == 0:
             return StepResult(0, 0, 0.0, 0.0, 0.0, 0.0, math.nan)
         clock = StageClock()
@@ -313,14 +357,8 @@ class OnlineLearner:
         users, starts = np.unique(batch.user_id[order], return_index=True)
         histories = self.history.get_many(users)
         w = build_windows(users, histories, batch, order, starts, self.max_len)
-        # Slot t predicts slot t+1: a target is a new event with a real event right before it.
         targets_mask = w.is_new[:, 1:] & w.valid[:, :-1]
-        clock.lap("history")
-        scored, hits, ndcg_sum, pop_hits, pop_ndcg = self._prequential(w, targets_mask)
-        clock.lap("prequential")
         now_s = int(batch.event_time_ms.max()) // 1000
-        self.items.observe(torch.from_numpy(np.ascontiguousarray(batch.item_id)).to(self.device), now_s)
-        clock.lap("store")
         loss_mask = w.valid[:, 1:] & w.valid[:, :-1] if self.history_loss else targets_mask
         replay = self._replay_windows(users)
         if replay is not None:
@@ -328,9 +366,18 @@ class OnlineLearner:
             loss_mask = np.concatenate((loss_mask, replay.valid[:, 1:] & replay.valid[:, :-1]))
         clock.lap("history")
         loss = self._train(w, loss_mask, now_s, clock)
-        self._average()
-        self.history.append(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
+        with self.lock:
+            self._average()
+            self.history.append(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
+            self.version += 1
         self._remember(users)
         clock.lap("history")
-        self.version += 1
-        return StepResult(len(batch), scored, hits, ndcg_sum, pop_hits, pop_ndcg, loss, clock.seconds)
+        return StepResult(len(batch), 0, 0.0, 0.0, 0.0, 0.0, loss, clock.seconds)
+
+    def step(self, batch: EventBatch) -> StepResult:
+        """`receive` then `learn`: one micro-batch, start to end (evaluation, benchmarks)."""
+        p = self.receive(batch)
+        r = self.learn(batch)
+        seconds = dict(r.seconds, prequential=p.seconds) if len(batch) else r.seconds
+        return dataclasses.replace(r, scored=p.scored, hits=p.hits, ndcg_sum=p.ndcg_sum, pop_hits=p.pop_hits,
+                                   pop_ndcg_sum=p.pop_ndcg_sum, seconds=seconds)

@@ -20,6 +20,8 @@ import math
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,15 +36,16 @@ from liverec.embedding_store.store import EmbeddingStore
 from liverec.model.codecs.base import StateCodec
 from liverec.model.codecs.record import record_for
 from liverec.model.codecs.registry import codec_from_config
+from liverec.model.encoder import KVCache
 from liverec.platform.config import LiverecConfig
 from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
 from liverec.trainer.checkpoint import CheckpointManager
 from liverec.trainer.codec_training import CodecTrainer
-from liverec.trainer.decode import EventBatch, Rejected, decode_records
+from liverec.trainer.decode import EventBatch, Rejected, concat_batches, decode_records
 from liverec.trainer.dlq import DeadLetterQueue
-from liverec.trainer.history import HistoryStore
+from liverec.trainer.history import History, HistoryStore
 from liverec.trainer.items import ITEM_TABLE, StoreItemTable
-from liverec.trainer.learner import OnlineLearner, StepResult
+from liverec.trainer.learner import OnlineLearner, Prequential, StepResult
 from liverec.trainer.metrics import TrainerMetrics
 from liverec.trainer.publish import ParamPublisher
 from liverec.trainer.state import StateWriter
@@ -65,6 +68,25 @@ class Counters:
     ndcg_sum: float = 0.0
     pop_hits: float = 0.0
     pop_ndcg_sum: float = 0.0
+
+
+@dataclass(frozen=True)
+class Received:
+    """A chunk of records as received: all of them (offsets), the good events, their prequential test."""
+
+    records: list[Any]
+    batch: EventBatch
+    prequential: Prequential
+
+
+@dataclass(frozen=True)
+class Learning:
+    """The micro-batch on the learner's thread."""
+
+    chunks: list[Received]
+    batch: EventBatch
+    future: Future[StepResult]
+    start: float
 
 
 def build_online_codec(config: LiverecConfig) -> StateCodec:
@@ -114,6 +136,13 @@ class TrainerWorker:
         # Cumulative wall seconds per stage (consume, decode, history, prequential, store,
         # forward_backward, checkpoint): the train benchmark reports their shares.
         self.stage_seconds: dict[str, float] = {}
+        # Received records waiting for the learner, in chunks as received, and the step in flight
+        # on the learner's thread.
+        self._waiting: list[Received] = []
+        self._first_waiting = 0.0
+        self._learning: Learning | None = None
+        self._checkpoint_due = False
+        self._learner_thread = ThreadPoolExecutor(1, thread_name_prefix="learner")
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -153,6 +182,7 @@ class TrainerWorker:
         self.stage_seconds["checkpoint"] = self.stage_seconds.get("checkpoint", 0.0) + time.perf_counter() - start
         self._events_since_checkpoint = 0
         self._last_checkpoint_time = time.monotonic()
+        self._checkpoint_due = False
         self._commit_group_offsets()
         log.info("checkpoint", extra={"checkpoint": str(path), "applied": self.counters.applied,
                                       "seconds": round(time.perf_counter() - start, 3)})
@@ -224,58 +254,87 @@ class TrainerWorker:
             self.metrics_port = self.metrics.serve(tc.metrics_host, tc.metrics_port)
         buffers: dict[int, list[Any]] = defaultdict(list)
         ends: dict[int, int] = {}
-        first_buffered = 0.0
+        taken = self.counters.consumed  # records received so far: learned, or waiting to be
         last_data = time.monotonic()
         try:
             while not self.stop.is_set():
+                self._collect_learning(wait=False)
                 if max_events is not None and self.counters.consumed >= max_events:
                     break
-                poll_start = time.perf_counter()
-                polled = self.consumer.poll(timeout_ms=50, max_records=self.config.kafka.consumer_max_poll_records)
-                self.stage_seconds["consume"] = self.stage_seconds.get("consume", 0.0) + time.perf_counter() - poll_start
                 got = 0
-                for tp, records in polled.items():
-                    buffers[tp.partition].extend(records)
-                    got += len(records)
+                if tc.deterministic:
+                    got = self._poll_into(buffers, self.config.kafka.consumer_max_poll_records)
+                    records = self._cut_by_offsets(buffers, ends)
+                    if records:  # received, learned and accounted for in turn: a function of the offsets
+                        self._receive(records)
+                        self._start_learning()
+                        self._collect_learning(wait=True)
+                elif self._checkpoint_due:
+                    self._drain_for_checkpoint()
+                else:
+                    got = self._poll_waiting(max_events - taken if max_events is not None else None)
+                    taken += got
                 now = time.monotonic()
                 if got:
                     last_data = now
-                    if not first_buffered:
-                        first_buffered = now
-                if tc.deterministic:
-                    batch = self._cut_by_offsets(buffers, ends)
-                else:
-                    buffered = sum(len(b) for b in buffers.values())
-                    full = buffered >= tc.batch_events
-                    due = buffered and (now - first_buffered) * 1000 >= tc.batch_max_ms
-                    batch = self._take_all(buffers, max_events) if full or due else []
-                if batch:
-                    first_buffered = 0.0 if not any(buffers.values()) else now
-                    self._process(batch)
-                elif self._reencode_stale():
-                    pass  # idle: the bounded background re-encode catches up on stale states
-                elif idle_exit_s is not None and now - last_data >= idle_exit_s and not any(buffers.values()):
-                    break
+                if self._learning is None and self._waiting and not tc.deterministic:
+                    waiting = sum(len(chunk.records) for chunk in self._waiting)
+                    ended = max_events is not None and taken >= max_events
+                    if waiting >= tc.batch_events or ended or (now - self._first_waiting) * 1000 >= tc.batch_max_ms:
+                        self._start_learning()
+                if self._learning is None and not self._waiting:
+                    if self._checkpoint_due or (not tc.deterministic and self._events_since_checkpoint
+                                                and now - self._last_checkpoint_time >= tc.checkpoint_every_s):
+                        self.checkpoint()
+                    if self._reencode_stale():
+                        pass  # idle: the bounded background re-encode catches up on stale states
+                    elif idle_exit_s is not None and now - last_data >= idle_exit_s and not any(buffers.values()):
+                        break
                 self._update_lag()
-                if not tc.deterministic and now - self._last_checkpoint_time >= tc.checkpoint_every_s \
-                        and self._events_since_checkpoint:
-                    self.checkpoint()
         finally:
-            self._shutdown()
+            try:
+                self._collect_learning(wait=True)
+                while self._waiting:  # what was received (and admitted) is learned before the last checkpoint
+                    self._start_learning()
+                    self._collect_learning(wait=True)
+            finally:
+                self._shutdown()
         return self.counters
 
-    def _take_all(self, buffers: dict[int, list[Any]], max_events: int | None) -> list[Any]:
-        limit = self.config.trainer.batch_events
-        if max_events is not None:
-            limit = min(limit, max_events - self.counters.consumed)
-        batch: list[Any] = []
-        for p in sorted(buffers):
-            room = limit - len(batch)
-            if room <= 0:
-                break
-            batch.extend(buffers[p][:room])
-            del buffers[p][:room]
-        return batch
+    def _poll_into(self, buffers: dict[int, list[Any]], limit: int) -> int:
+        start = time.perf_counter()
+        polled = self.consumer.poll(timeout_ms=50, max_records=limit)
+        self._add_seconds("consume", time.perf_counter() - start)
+        got = 0
+        for tp, records in polled.items():
+            buffers[tp.partition].extend(records)
+            got += len(records)
+        return got
+
+    def _poll_waiting(self, room: int | None) -> int:
+        """Receive whatever arrives, while the learner works on earlier events; at most two
+        micro-batches wait for it (beyond that the learner is the bottleneck: wait for it)."""
+        tc = self.config.trainer
+        waiting = sum(len(chunk.records) for chunk in self._waiting)
+        limit = min(self.config.kafka.consumer_max_poll_records, 2 * tc.batch_events - waiting)
+        if room is not None:
+            limit = min(limit, room)
+        if limit <= 0:
+            self._collect_learning(wait=True, timeout_s=0.05)
+            return 0
+        buffers: dict[int, list[Any]] = defaultdict(list)
+        got = self._poll_into(buffers, limit)
+        if got:
+            self._receive([r for p in sorted(buffers) for r in buffers[p]])
+        return got
+
+    def _drain_for_checkpoint(self) -> None:
+        """A checkpoint is due: receive nothing more until every received event is learned, so the
+        store (which counts events as they are received) matches the offsets it is saved with."""
+        if self._learning is not None:
+            self._collect_learning(wait=True, timeout_s=0.05)
+        elif self._waiting:
+            self._start_learning()
 
     def _cut_by_offsets(self, buffers: dict[int, list[Any]], ends: dict[int, int]) -> list[Any]:
         """Up to `batch_events` records per partition, but only once every partition has them
@@ -296,46 +355,98 @@ class TrainerWorker:
             del buffers[p][: need[p]]
         return batch
 
-    def _process(self, records: list[Any]) -> None:
-        tc = self.config.trainer
-        m = self.metrics
+    # -- receiving and learning ------------------------------------------------------------------
+
+    def _receive(self, records: list[Any]) -> None:
+        """Decode, dead-letter the bad; score the good before learning them (prequential), admit
+        their items, stage them in the history and refresh their users' states at once. The
+        records then wait for the learner."""
         start = time.perf_counter()
         batch, rejected = decode_records(records)
-        decoded = time.perf_counter()
+        seconds = time.perf_counter() - start
+        self._add_seconds("decode", seconds)
+        self.metrics.batch_seconds.labels(stage="decode").observe(seconds)
         self._dead_letter(rejected)
-        result = self.learner.step(batch) if len(batch) else None
+        prequential = Prequential()
+        if len(batch):
+            prequential = self.learner.receive(batch)
+            self._add_seconds("prequential", prequential.seconds)
+            self.metrics.batch_seconds.labels(stage="prequential").observe(prequential.seconds)
+            self.history.stage(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
+            self._last_event_time_ms = max(self._last_event_time_ms, int(batch.event_time_ms.max()))
+            start = time.perf_counter()
+            self._refresh_received(batch)
+            self._add_seconds("state_refresh", time.perf_counter() - start)
+        if not self._waiting:
+            self._first_waiting = time.monotonic()
+        self._waiting.append(Received(records, batch, prequential))
+
+    def _start_learning(self) -> None:
+        """Hand the oldest waiting chunks, up to `batch_events` records (at least one chunk), to
+        the learner's thread as one micro-batch; the worker keeps receiving meanwhile."""
+        limit = self.config.trainer.batch_events
+        chunks: list[Received] = []
+        count = 0
+        while self._waiting and (not chunks or count + len(self._waiting[0].records) <= limit):
+            chunks.append(self._waiting.pop(0))
+            count += len(chunks[-1].records)
+        if self._waiting:
+            self._first_waiting = time.monotonic()
+        batch = concat_batches([c.batch for c in chunks])
+        future = self._learner_thread.submit(self.learner.learn, batch)
+        self._learning = Learning(chunks, batch, future, time.perf_counter())
+
+    def _collect_learning(self, *, wait: bool, timeout_s: float | None = None) -> None:
+        """Account for a finished learning step: offsets, counters, metrics, expiry and the state
+        work that follows learning; marks a checkpoint due and publishes when due. The learner is
+        idle while this runs."""
+        learning = self._learning
+        if learning is None or (not wait and not learning.future.done()):
+            return
+        try:
+            result = learning.future.result(timeout=timeout_s)
+        except FutureTimeout:
+            return
+        self._learning = None
+        tc = self.config.trainer
+        m = self.metrics
+        records = [r for chunk in learning.chunks for r in chunk.records]
         for rec in records:
             if rec.offset + 1 > self.offsets.get(rec.partition, 0):
                 self.offsets[rec.partition] = rec.offset + 1
+        batch = learning.batch
         before = self.counters.applied
         self.counters.consumed += len(records)
         self.counters.applied += len(batch)
         m.consumed.inc(len(records))
         m.applied.inc(len(batch))
-        if result is not None:
-            self._record(result)
-            self._last_event_time_ms = max(self._last_event_time_ms, int(batch.event_time_ms.max()))
+        for chunk in learning.chunks:
+            self._record_prequential(chunk.prequential)
+        if len(batch):
+            if not math.isnan(result.loss):
+                m.loss.set(result.loss)
+            for stage, seconds in result.seconds.items():
+                self._add_seconds(stage, seconds)
+                m.batch_seconds.labels(stage=stage).observe(seconds)
             refresh_start = time.perf_counter()
-            self._refresh_states(batch)
-            self.stage_seconds["state_refresh"] = (self.stage_seconds.get("state_refresh", 0.0)
-                                                   + time.perf_counter() - refresh_start)
+            self._refresh_learned(batch)
+            self._add_seconds("state_refresh", time.perf_counter() - refresh_start)
         if before // tc.expire_every_events != self.counters.applied // tc.expire_every_events and len(batch):
             self.store.expire(int(batch.event_time_ms.max()) // 1000)
         self._events_since_checkpoint += len(records)
-        self.stage_seconds["decode"] = self.stage_seconds.get("decode", 0.0) + decoded - start
-        m.batch_seconds.labels(stage="decode").observe(decoded - start)
-        for stage, seconds in (result.seconds if result else {}).items():
-            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
-            m.batch_seconds.labels(stage=stage).observe(seconds)
-        m.batch_seconds.labels(stage="total").observe(time.perf_counter() - start)
+        m.batch_seconds.labels(stage="total").observe(time.perf_counter() - learning.start)
         m.model_version.set(self.learner.version)
         for name, stats in self.store.stats().items():
             for stat in ("rows", "capacity", "admitted", "filtered", "expired", "evicted"):
                 m.store_gauge.labels(table=name, stat=stat).set(getattr(stats, stat))
-        if self._events_since_checkpoint >= tc.checkpoint_every_events:
-            self.checkpoint()
+        if self._events_since_checkpoint >= tc.checkpoint_every_events \
+                or (not tc.deterministic and time.monotonic() - self._last_checkpoint_time >= tc.checkpoint_every_s):
+            self._checkpoint_due = True
         if self._publish_due():
             self.publish()
+
+    def _add_seconds(self, stage: str, seconds: float) -> None:
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
     def publish(self) -> None:
         """Send the parameters changed since the last publish to serving (see publish.py); a
@@ -346,52 +457,91 @@ class TrainerWorker:
         codec_state = self.codec_trainer.freeze(version) if self.codec_trainer is not None else None
         self.publisher.publish(self.store, self.learner.serving_model, version, self._last_event_time_ms, codec_state)
         self._last_publish_time = time.monotonic()
-        self.stage_seconds["publish"] = self.stage_seconds.get("publish", 0.0) + time.perf_counter() - start
+        self._add_seconds("publish", time.perf_counter() - start)
 
-    def _refresh_states(self, batch: EventBatch) -> None:
-        """Rewrite the state of every user in `batch` with the model that just learned from it
-        (appended to where `StateWriter.can_append` allows, else re-encoded), train a learned
-        codec on the re-encoded caches, then re-encode a bounded number of stale users."""
+    def _encode(self, histories: list[History]) -> tuple[KVCache, int]:
+        """Full caches of `histories` through the serving model, and that model's version (under
+        the learner's lock: the learner may be mid-step on its own thread)."""
+        with self.learner.lock:
+            cache = self.states.encode_histories(histories, self.learner.serving_model, self.learner.items)
+            return cache, self.learner.version
+
+    def _refresh_received(self, batch: EventBatch) -> None:
+        """Rewrite the state of every user in `batch` (just received, staged, not yet learned) with
+        the serving model of the moment: appended to where `StateWriter.can_append` allows, else
+        re-encoded. Freshness is this path; the learning step does not wait for it, nor it for the
+        step. A learned codec's states wait until its first parameters are published."""
+        if self.codec_trainer is not None and self.codec_trainer.generation == 0:
+            return
         order = np.lexsort((batch.offset, batch.user_id))
         users, first = np.unique(batch.user_id[order], return_index=True)
         ends = np.append(first[1:], len(order))
         last = order[ends - 1]  # each user's newest event in the batch
         new_counts = (ends - first).tolist()
         first_offsets = batch.offset[order[first]].tolist()
-        histories = self.history.get_many(users)
+        histories = self.history.get_many(users, staged=True)
         old = self.states.stored(users.tolist())
         version = self.learner.version
-        model, items = self.learner.serving_model, self.learner.items
         append = [i for i, h in enumerate(histories)
                   if self.states.can_append(old[i], len(h), new_counts[i], first_offsets[i], version)]
         chosen = set(append)
         encode = [i for i, h in enumerate(histories) if len(h) and i not in chosen]
+        codec, params_version = self._encoding_codec()
         payloads: dict[int, bytes] = {}
         versions: dict[int, int] = {}
         if encode:
-            cache = self.states.encode_histories([histories[i] for i in encode], model, items)
-            if self.codec_trainer is not None:
-                _keys, catalog, _counts = items.catalog()
-                self.metrics.codec_loss.set(self.codec_trainer.step(model, cache, catalog))
-                if self.codec_trainer.generation == 0 or self._publish_due():
-                    self.publish()  # states below are encoded with parameters serving receives
-            codec, _ = self._encoding_codec()
-            payloads.update(zip(encode, codec.encode(cache, model)))
-            versions.update(dict.fromkeys(encode, version))
+            cache, encoded_version = self._encode([histories[i] for i in encode])
+            with self.learner.lock:
+                payloads.update(zip(encode, codec.encode(cache, self.learner.serving_model)))
+            versions.update(dict.fromkeys(encode, encoded_version))
         if append:
-            appended = self.states.append([old[i] for i in append], [histories[i] for i in append],  # type: ignore[misc]
-                                          [new_counts[i] for i in append], model, items)
+            with self.learner.lock:
+                appended = self.states.append([old[i] for i in append], [histories[i] for i in append],  # type: ignore[misc]
+                                              [new_counts[i] for i in append], self.learner.serving_model,
+                                              self.learner.items)
             payloads.update(zip(append, appended))
             versions.update({i: old[i].model_version for i in append})  # type: ignore[union-attr]
             self.metrics.state_appends.inc(len(append))
         rows = sorted(payloads)
-        codec, params_version = self._encoding_codec()
         records = [record_for(codec, payloads[i], versions[i], int(batch.offset[last[i]]),
                               int(batch.event_time_ms[last[i]]), params_version) for i in rows]
         self.states.write([int(users[i]) for i in rows], [histories[i] for i in rows], records,
                           [versions[i] for i in rows], [old[i].model_version if old[i] else None for i in rows])
         self.metrics.state_refreshes.inc(len(rows))
+
+    def _refresh_learned(self, batch: EventBatch) -> None:
+        """After a learning step: a learned codec trains one step on the caches of the step's users
+        under the new model (states written from them too: that is their first state before the
+        codec is first published); then a bounded number of stale states are re-encoded."""
+        if self.codec_trainer is not None:
+            users = np.unique(batch.user_id)
+            histories = self.history.get_many(users, staged=True)
+            keep = [i for i, h in enumerate(histories) if len(h)]
+            if keep:
+                cache, version = self._encode([histories[i] for i in keep])
+                _keys, catalog, _counts = self.learner.items.catalog()
+                self.metrics.codec_loss.set(self.codec_trainer.step(self.learner.serving_model, cache, catalog))
+                if self.codec_trainer.generation == 0 or self._publish_due():
+                    self.publish()  # states are encoded with parameters serving receives
+                old = self.states.stored(users[keep].tolist())
+                codec, params_version = self._encoding_codec()
+                payloads = codec.encode(cache, self.learner.serving_model)
+                # A stored state may already include newer (received, staged) events: keep its mark.
+                last = [max((o.last_offset, o.last_event_time_ms), newest) if o else newest
+                        for o, newest in zip(old, self._newest(batch, users[keep]))]
+                records = [record_for(codec, payload, version, offset, time_ms, params_version)
+                           for payload, (offset, time_ms) in zip(payloads, last)]
+                self.states.write(users[keep].tolist(), [histories[i] for i in keep], records, [version] * len(keep),
+                                  [o.model_version if o else None for o in old])
+                self.metrics.state_refreshes.inc(len(keep))
         self._reencode_stale()
+
+    def _newest(self, batch: EventBatch, users: np.ndarray) -> list[tuple[int, int]]:
+        """(offset, event time) of the newest stored-history event of each of `users` in `batch`."""
+        order = np.lexsort((batch.offset, batch.user_id))
+        sorted_users = batch.user_id[order]
+        last = order[np.searchsorted(sorted_users, users, side="right") - 1]
+        return list(zip(batch.offset[last].tolist(), batch.event_time_ms[last].tolist()))
 
     def _encoding_codec(self) -> tuple[StateCodec, int]:
         """The codec instance states are encoded with now, and its parameter version."""
@@ -411,18 +561,19 @@ class TrainerWorker:
         if stale:
             start = time.perf_counter()
             users = [u for u, _ in stale]
-            histories = self.history.get_many(np.asarray(users, dtype=np.int64))
+            histories = self.history.get_many(np.asarray(users, dtype=np.int64), staged=True)
             old = self.states.stored(users)
             rows = [i for i, h in enumerate(histories) if len(h) and old[i] is not None]
             kept = set(rows)
             self.states.forget([entry for i, entry in enumerate(stale) if i not in kept])
             if rows:
-                model = self.learner.serving_model
-                cache = self.states.encode_histories([histories[i] for i in rows], model, self.learner.items)
+                cache, version = self._encode([histories[i] for i in rows])
                 codec, params_version = self._encoding_codec()
+                with self.learner.lock:
+                    payloads = codec.encode(cache, self.learner.serving_model)
                 records = [record_for(codec, payload, version, old[i].last_offset,  # type: ignore[union-attr]
                                       old[i].last_event_time_ms, params_version)  # type: ignore[union-attr]
-                           for i, payload in zip(rows, codec.encode(cache, model))]
+                           for i, payload in zip(rows, payloads)]
                 self.states.write([users[i] for i in rows], [histories[i] for i in rows], records,
                                   [version] * len(rows), [stale[i][1] for i in rows])
                 self.metrics.state_reencoded.inc(len(rows))
@@ -440,15 +591,14 @@ class TrainerWorker:
             self.counters.dead_lettered[r.reason] = self.counters.dead_lettered.get(r.reason, 0) + 1
         log.warning("dead-lettered events", extra={"count": len(rejected), "reasons": sorted({r.reason for r in rejected})})
 
-    def _record(self, r: StepResult) -> None:
+    def _record_prequential(self, r: Prequential) -> None:
+        """Counted once learned (with the offsets), so a restart never counts an event twice."""
         c, m = self.counters, self.metrics
         c.scored += r.scored
         c.hits += r.hits
         c.ndcg_sum += r.ndcg_sum
         c.pop_hits += r.pop_hits
         c.pop_ndcg_sum += r.pop_ndcg_sum
-        if not math.isnan(r.loss):
-            m.loss.set(r.loss)
         if r.scored:
             m.preq_scored.inc(r.scored)
             m.preq_hits.inc(r.hits)
@@ -474,6 +624,7 @@ class TrainerWorker:
             self.dlq.producer.close()
             self.consumer.close()
             self.history.close()
+            self._learner_thread.shutdown()
 
     def online_metrics(self) -> dict[str, float]:
         c = self.counters

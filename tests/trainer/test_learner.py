@@ -102,7 +102,7 @@ def test_serving_weights_are_the_moving_average_of_the_trained_ones(tmp_path: Pa
     plain, h1 = learner_with(0.0, "plain")
     averaged, h2 = learner_with(0.5, "averaged")
     try:
-        assert plain.serving_model is plain.model
+        assert plain.serving_model is not plain.model  # a copy: the trainer encodes with it on another thread
         expected = {n: p.detach().clone() for n, p in averaged.model.named_parameters()}
         for step, batch in enumerate((FIRST, FIRST[::-1], FIRST)):
             plain.step(events(batch, 100 * step))
@@ -115,6 +115,8 @@ def test_serving_weights_are_the_moving_average_of_the_trained_ones(tmp_path: Pa
         # Averaging only changes what is served: the trained weights follow the same path.
         for (name, a), b in zip(plain.model.named_parameters(), averaged.model.parameters()):
             assert torch.equal(a, b), name
+        for (name, a), b in zip(plain.model.named_parameters(), plain.serving_model.parameters()):
+            assert torch.equal(a, b), name  # with 0, serving gets exactly the trained weights
         assert any(not torch.equal(a, b) for a, b in zip(averaged.serving_model.parameters(),
                                                         averaged.model.parameters()))
     finally:

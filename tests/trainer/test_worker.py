@@ -42,12 +42,15 @@ def run_with_kills(cli_env: dict[str, str], state_dir: Path, seed: int, *extra: 
     """kill -9 the trainer at KILLS random moments, restarting it each time, then let it finish.
 
     Each kill waits until the trainer has checkpointed past a random event count (read from its
-    JSON log on stderr), then lands a random fraction of a second later: mid-batch, between
-    checkpoints, whatever the machine's speed.
+    JSON log on stderr), then lands a random fraction of a tenth of a second later: mid-batch,
+    between checkpoints, whatever the machine's speed. The last threshold leaves a third of the
+    stream: a kill that landed after the trainer had learned everything would leave the next
+    restart nothing to checkpoint (the trainer receives while it learns, and learns a few
+    thousand small-model events a second).
     """
     env = {**cli_env, **SMALL_MODEL}
     rng = random.Random(seed)
-    thresholds = sorted(rng.sample(range(200, RECOVERY_EVENTS - 300), KILLS))
+    thresholds = sorted(rng.sample(range(200, RECOVERY_EVENTS - 1000), KILLS))
     for threshold in thresholds:
         proc = subprocess.Popen(train_cmd(state_dir, *extra), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
@@ -55,7 +58,7 @@ def run_with_kills(cli_env: dict[str, str], state_dir: Path, seed: int, *extra: 
             for line in proc.stderr:
                 if '"msg": "checkpoint"' in line and json.loads(line)["applied"] >= threshold:
                     break
-            time.sleep(rng.uniform(0.0, 0.4))
+            time.sleep(rng.uniform(0.0, 0.1))
             assert proc.poll() is None, "the trainer exited on its own before the kill"
             proc.send_signal(signal.SIGKILL)
         finally:
