@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -14,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
+from kafka import TopicPartition
 
+from liverec.model.codecs.record import decode_record
 from liverec.platform.datasets import load_dataset
 from liverec.platform.events import MIN_EVENT_TIME_MS, encode_event
 from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
 from liverec.platform.replay import rebase_times
 from liverec.trainer.worker import TrainerWorker, state_digest
-from tests.trainer.conftest import log_ends, publish_ml100k, small
 from liverec.v1 import events_pb2
+from tests.trainer.conftest import log_ends, publish_ml100k, small
 
 # A small model keeps the suite fast; recovery does not depend on the model's size.
 SMALL_MODEL = {"LIVEREC_MODEL__ENCODER__DIM": "16", "LIVEREC_MODEL__ENCODER__LAYERS": "1",
@@ -191,3 +194,70 @@ def test_metrics_endpoint_exports_the_trainer_series(config, ml100k, tmp_path) -
                  'liverec_trainer_consumer_lag{partition="0"}', "liverec_trainer_state_versions_behind",
                  "liverec_trainer_state_reencoded_total", "liverec_trainer_state_appends_total"):
         assert name in body, name
+
+
+def test_a_users_state_includes_an_event_before_the_learner_has_learned_it(config, ml100k, tmp_path) -> None:
+    """Freshness does not wait for learning: with the learning step held back (the test delays the
+    learner's thread; everything else is the real worker, broker and RocksDB), a new event is
+    scored, staged and in its user's published state, while the model version, the applied count
+    and the stored history have not moved. Released, the step learns it."""
+    publish_ml100k(config, ml100k, 300)
+    worker = TrainerWorker(small(config, tmp_path / "state", batch_max_ms=10))
+    learn, gate, held = worker.learner.learn, threading.Event(), threading.Event()
+    gate.set()
+
+    def gated_learn(batch):
+        if not gate.is_set():
+            held.set()
+            gate.wait(60)
+        return learn(batch)
+
+    worker.learner.learn = gated_learn
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while worker.counters.applied < 300 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.counters.applied == 300
+    version = worker.learner.version
+
+    user, item = next(worker.history.items())[0], 999_999
+    observer = make_consumer(config.kafka, group_id=None)
+    tps = [TopicPartition(config.topics.user_state, p) for p in range(config.topics.partitions)]
+    observer.assign(tps)
+    observer.seek_to_end(*tps)
+    for tp in tps:
+        observer.position(tp)
+    gate.clear()
+    producer = make_producer(config.kafka, linger_ms=0)
+    meta = producer.send(config.topics.events, key=str(user).encode(),
+                         value=encode_event(user, item, events_pb2.ACTION_CLICK, 1.0,
+                                            int(time.time() * 1000))).get(timeout=30)
+    producer.close()
+    try:
+        found = None
+        deadline = time.monotonic() + 60
+        while found is None and time.monotonic() < deadline:
+            for records in observer.poll(timeout_ms=200).values():
+                for rec in records:
+                    if int(rec.key) == user and decode_record(rec.value).last_offset >= meta.offset:
+                        found = rec
+        assert found is not None, "no state record for the new event"
+        assert held.wait(30)  # the step with the new event is in flight, held back
+        record = decode_record(found.value)
+        assert record.model_version == version == worker.learner.version
+        assert worker.counters.applied == 300
+        assert item not in worker.history.get_many(np.array([user]))[0].item  # not learned yet
+        assert item in np.frombuffer(dict(found.headers)["seen"], dtype="<i8")  # but in the served state
+    finally:
+        gate.set()
+        observer.close()
+    deadline = time.monotonic() + 60
+    while worker.counters.applied < 301 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert worker.counters.applied == 301 and worker.learner.version > version
+        assert item in worker.history.get_many(np.array([user]))[0].item
+    finally:
+        worker.stop.set()
+        thread.join(timeout=60)
