@@ -5,8 +5,18 @@ replica). Offsets come from its own newest checkpoint, never from the group: the
 the truth, and group commits are made after each checkpoint only so that standard Kafka tooling
 shows the trainer's lag.
 
-Micro-batches close at `batch_events` records or `batch_max_ms`. In deterministic mode they are
-cut by offsets instead: each batch takes up to `batch_events` records from every partition, in
+Two things happen to each record. It is *received* as soon as it is polled: decoded (bad ones
+dead-lettered), scored by the serving model before anything learns from it (prequential), its
+item admitted, the event staged in the history store, and its user's state re-encoded and
+published. Freshness is this path alone. Then it waits for the *learner*, which runs one
+micro-batch at a time on a thread of its own: micro-batches close at `batch_events` records or
+`batch_max_ms`, and at most two of them wait (beyond that the worker stops polling until the
+learner catches up). Offsets, counters and checkpoints follow learning; because the item
+table counts events on receipt, a due checkpoint first stops receiving until everything
+received is learned, so what a checkpoint holds always matches its offsets.
+
+In deterministic mode batches are cut by offsets instead, and each is received, learned and
+accounted for in turn: each batch takes up to `batch_events` records from every partition, in
 partition order, and waits for them; checkpoints and expiry happen on event counts only. With a
 log that is not being appended to (a recorded replay) the sequence of batches is then a function
 of the offsets alone, so a run killed and restarted any number of times ends bit-identical to an
