@@ -19,9 +19,10 @@ Sources of what is served:
 
 Two paths, measured in the same run against the same snapshot:
 - batched: the replica's configuration (max_batch, max_wait_ms from ServingConfig unless
-  overridden) and stored compressed states decoded per request.
+  overridden) and stored compressed states decoded per request; on CUDA the scorer's
+  full-catalog graphs, captured before any load is sent.
 - naive: max_batch=1 (no batching) and `HistoryStateSource`: each request re-encodes the user's
-  raw history (the last max_len events) with the model.
+  raw history (the last max_len events) with the model, and scores eagerly (no CUDA graphs).
 
 Load: closed loop at rising concurrency, then open loop (Poisson arrivals) at rising rates,
 each step `--duration` seconds. Client-side latency is measured in the load generators (from the
@@ -33,13 +34,16 @@ their deadline. Every request asks for the full-catalog top-k (k=10).
 
 Like every liverec process, this one and its children run with OMP_WAIT_POLICY=PASSIVE unless
 it is set (idle OpenMP threads would otherwise spin on a shared machine); torch keeps its
-default thread count unless `--threads` says otherwise.
+default thread count unless `--threads` says otherwise, except in a CUDA run's server, which
+uses one: its CPU tensor work (decoding a batch's states) is small, and waking a pool of
+threads for each such op cost more than the op (measured on the H200 host's 16 cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -317,7 +321,7 @@ def server_main(spec: dict) -> int:
             registry = keep[1]
             snapshot_fn = keep[0].snapshot
         naive = FixedBackend(snapshot if spec["source"] == "synthetic" else snapshot_fn,
-                             Scorer(HistoryStateSource(histories)))
+                             Scorer(HistoryStateSource(histories), graphs=False))
         procs = spec.get("server_procs", 1)  # >1: this is one of several processes sharing the ports
         base = ServingConfig(host="127.0.0.1", port=0, metrics_port=-1, device=spec["device"])
         configs = {
@@ -329,6 +333,9 @@ def server_main(spec: dict) -> int:
         if procs > 1:
             configs = {n: dataclasses.replace(c, port=spec["ports"][n], workers=procs) for n, c in configs.items()}
         backends = {"batched": batched, "naive": naive}
+        t_warm = time.perf_counter()
+        batched.scorer.warm(snapshot, configs["batched"].max_batch)
+        info["graph_warm_seconds"] = time.perf_counter() - t_warm  # CUDA graphs captured before any load
         registries = {"batched": registry, "naive": CollectorRegistry()}
         servers, ports, samples = {}, {}, {}
         for name in ("batched", "naive"):
@@ -355,6 +362,10 @@ def server_main(spec: dict) -> int:
         traceback.print_exc()
         _reply({"error": f"server set-up failed: {type(exc).__name__}: {exc}"})
         return 1
+    # The synthetic set-up leaves ~10^5 tracked objects (the naive path's histories) that a replica
+    # would hold in RocksDB, not on the heap: out of the collector's way, as a long-lived server's
+    # start-up objects should be, so that full collections do not stall requests.
+    gc.freeze()
     _reply({"ports": ports, "info": info})
 
     def batch_stats(name: str) -> tuple[float, float]:
@@ -363,6 +374,7 @@ def server_main(spec: dict) -> int:
                 reg.get_sample_value("liverec_serving_batch_size_count") or 0.0)
 
     marks: dict[str, tuple[int, tuple[float, float]]] = {}
+    cpu0, wall0 = time.process_time(), time.perf_counter()  # this process's CPU seconds since the last mark
     for line in sys.stdin:
         msg = json.loads(line)
         cmd = msg.get("cmd")
@@ -371,6 +383,7 @@ def server_main(spec: dict) -> int:
         name = msg.get("path", "batched")
         if cmd == "mark":
             marks[name] = (len(samples[name]), batch_stats(name))
+            cpu0, wall0 = time.process_time(), time.perf_counter()
             _reply({"ok": True})
         elif cmd == "dump":
             start, (bsum0, bcount0) = marks.get(name, (0, (0.0, 0.0)))
@@ -380,7 +393,8 @@ def server_main(spec: dict) -> int:
             for _, code in got:
                 codes[code] = codes.get(code, 0) + 1
             _reply({"ms": [round(ms, 4) for ms, code in got if code == "OK"], "codes": codes,
-                    "batches": bcount - bcount0, "batched_requests": bsum - bsum0})
+                    "batches": bcount - bcount0, "batched_requests": bsum - bsum0,
+                    "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0})
         else:
             _reply({"error": f"unknown command {msg!r}"})
     for server in servers.values():
@@ -402,7 +416,8 @@ def merge_dumps(dumps: list[dict]) -> dict:
             codes[code] = codes.get(code, 0) + n
     batches = sum(d["batches"] for d in dumps)
     return {"ms": [x for d in dumps for x in d["ms"]], "codes": codes, "batches": batches,
-            "mean_batch": sum(d["batched_requests"] for d in dumps) / batches if batches else 0.0}
+            "mean_batch": sum(d["batched_requests"] for d in dumps) / batches if batches else 0.0,
+            "cpu_util": [d["cpu_s"] / d["wall_s"] if d["wall_s"] > 0 else 0.0 for d in dumps]}
 
 
 def pct(values: list[float] | np.ndarray, q: float) -> float | None:
@@ -476,7 +491,11 @@ class Bench:
                "dropped": dropped, "cold_start": sum(r["cold_start"] for r in results),
                "achieved_rps": achieved, "client_ms": summary(lat), "server_ms": summary(srv["ms"]),
                "server_codes": srv["codes"], "mean_batch": srv["mean_batch"], "batches": srv["batches"],
-               "send_lag_ms": {"p50": pct(lag, 50), "p99": pct(lag, 99)} if lag else None}
+               "send_lag_ms": {"p50": pct(lag, 50), "p99": pct(lag, 99)} if lag else None,
+               # CPU seconds per wall second of each process (1.0 = one core busy): a load generator
+               # near 1.0 would be the bottleneck, not the server.
+               "server_cpu_util": srv["cpu_util"],
+               "load_cpu_util": [r["cpu_s"] / r["elapsed_s"] if r["elapsed_s"] > 0 else 0.0 for r in results]}
         if mode == "open":
             # Poisson arrivals: the realised rate differs from `level` by chance; every arrival
             # was sent (late ones show in send_lag and latency) unless counted as dropped.
@@ -540,13 +559,14 @@ def format_step(s: dict) -> str:
     flag = ""
     if s["mode"] == "open":
         flag = "  meets" if s["meets_target_server"] else "  misses"
+    cpu = f"{max(s['server_cpu_util'], default=0.0):>6.2f}{max(s['load_cpu_util'], default=0.0):>6.2f}"
     return (f"  {s['path']:<8}{s['mode']:<7}{level:>9}{s['achieved_rps']:>10.0f}"
             f"{f(c['p50'])}{f(c['p95'])}{f(c['p99'])}{f(v['p50'])}{f(v['p95'])}{f(v['p99'])}"
-            f"{s['mean_batch']:>7.1f}{errs:>7}{flag}")
+            f"{s['mean_batch']:>7.1f}{errs:>7}{cpu}{flag}")
 
 
 HEADER = (f"  {'path':<8}{'loop':<7}{'load':>9}{'ok/s':>10}{'c p50':>8}{'c p95':>8}{'c p99':>8}"
-          f"{'s p50':>8}{'s p95':>8}{'s p99':>8}{'batch':>7}{'errors':>7}")
+          f"{'s p50':>8}{'s p95':>8}{'s p99':>8}{'batch':>7}{'errors':>7}{'s cpu':>6}{'l cpu':>6}")
 
 
 def train_ml100k(args: argparse.Namespace, work: Path) -> dict:
@@ -623,8 +643,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="server processes sharing the ports, as `liverec serve --workers N` runs them")
     parser.add_argument("--channels", type=int, default=None,
                         help="connections per load generator (default: 4 per server process)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads in the trainer and the server (default 0: torch's default)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in the trainer and the server (default: 1 on cuda, else torch's "
+                             "default; 0: torch's default)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--request-timeout", type=float, default=2.0, help="each request's deadline, seconds")
     parser.add_argument("--max-seconds", type=float, default=None,
@@ -646,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("liverec bench serve: --device cuda but torch sees no CUDA device", file=sys.stderr)
             return 2
+    if args.threads is None:
+        args.threads = 1 if cuda else 0
     if args.target_rate is None:
         args.target_rate = GPU_TARGET_RATE if cuda else 0.0
     if args.events is None:
@@ -716,7 +739,7 @@ def run(args: argparse.Namespace, synthetic: bool, cuda: bool, concurrency: list
         print(f"server ready: {json.dumps({k: v for k, v in info.items() if k != 'model_config'})}", flush=True)
         bench = Bench(args, servers, hello["ports"], users_args, work)
         bench.start_loaders()
-        print(HEADER + "   (ms; c = client, s = server)", flush=True)
+        print(HEADER + "   (ms; c = client, s = server; cpu: busiest server / load process, cores)", flush=True)
         paths: dict[str, dict] = {}
         paths["batched"] = bench.run_path("batched", concurrency, rates)
         naive_conc = sorted({min(concurrency), max(concurrency)})

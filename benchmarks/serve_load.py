@@ -16,7 +16,8 @@ imports grpc and the generated stubs only (no torch). Answers are lines starting
 - {"cmd": "quit"}.
 
 Latencies are client-side, in ms, for requests that returned OK; other outcomes are counted by
-gRPC status code. Users are drawn uniformly from --users-file or --users-range.
+gRPC status code. `cpu_s` is this process's CPU time during the run: near `elapsed_s`, the
+generator itself would be the bottleneck. Users are drawn uniformly from --users-file or --users-range.
 """
 
 from __future__ import annotations
@@ -139,13 +140,14 @@ async def worker(args: argparse.Namespace, users: list[int]) -> None:
                 wait = msg.get("start_at", 0) - time.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                start = time.perf_counter()
+                start, cpu0 = time.perf_counter(), time.process_time()
                 until = start + float(msg["duration"])
                 if msg["mode"] == "closed":
                     await run.closed(stubs, int(msg["level"]), until)
                 else:
                     await run.open(stubs, float(msg["level"]), start, until)
                 reply({"mode": msg["mode"], "level": msg["level"], "elapsed_s": time.perf_counter() - start,
+                       "cpu_s": time.process_time() - cpu0,
                        "sent": run.sent, "ok": len(run.latencies), "errors": dict(run.errors), "dropped": run.dropped,
                        "cold_start": run.cold, "latencies_ms": [round(x, 4) for x in run.latencies],
                        "send_lag_ms": [round(x, 3) for x in run.send_lag]})
