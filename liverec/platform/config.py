@@ -231,8 +231,9 @@ class ServingConfig:
 
     `workers` > 1 runs that many replica processes behind one port (SO_REUSEPORT; the kernel
     spreads connections over them), each with its own state copy under `state_dir/worker-N`
-    and /metrics on `metrics_port + N`: one Python process tops out near 2,000 requests/s on
-    its event loop whatever the device does, so a GPU host scales out in processes."""
+    and /metrics on `metrics_port + N`: one Python process tops out near 3,400 requests/s
+    (H200, full-catalog top-10 over 100k items, CUDA graphs) on its event loop whatever the
+    device does, so a GPU host scales out in processes."""
 
     host: str = "127.0.0.1"
     port: int = 50051
