@@ -427,7 +427,7 @@ def run(args: argparse.Namespace) -> dict:
             with open(server_log, "wb") as out:
                 procs.append(subprocess.Popen(cli + ["serve", "--port", str(grpc_port), "--state-dir",
                                                      str(work / "serving"), "--metrics-port", str(serve_metrics),
-                                                     "--device", "cpu"],
+                                                     "--device", args.serving_device],
                                               stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env))
             wait_port(trainer_port, procs[0], "trainer", trainer_log)
             wait_port(grpc_port, procs[1], "server", server_log)
@@ -478,7 +478,8 @@ def print_table(r: dict) -> None:
     print(f"  trainer batch_max_ms {s['batch_max_ms']}, batch_events {s['batch_events']}, publish_every_s "
           f"{s['publish_every_s']}; replay {s['replay_rate']:g} events/s during the run; "
           f"probes {r['probes']} at {s['probe_rate']:g}/s; polls every {s['poll_ms']:g} ms once the state is out "
-          f"({s['coarse_poll_ms']:g} ms before); torch threads {s['threads'] or 'default'}")
+          f"({s['coarse_poll_ms']:g} ms before); torch threads {s['threads'] or 'default'}; "
+          f"replica device {s['serving_device']}, extra settings {' '.join(s['extra_env']) or 'none'}")
     f = r["freshness_ms"]
     if f.get("n"):
         print(f"  {'':<28}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}   target")
@@ -518,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coarse-poll-ms", type=float, default=50.0, help="poll interval before that")
     parser.add_argument("--probe-timeout", type=float, default=30.0, help="seconds before a probe counts as lost")
     parser.add_argument("--max-in-flight", type=int, default=64, help="probes waiting at once, at most")
+    parser.add_argument("--serving-device", default="auto", help="the replica's device (auto: cuda when present)")
     parser.add_argument("--threads", type=int, default=0,
                         help="OMP_NUM_THREADS for the trainer and the replica (default 0: torch's default)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -546,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                      "publish_every_s": args.publish_every_s, "replay_rate": args.replay_rate,
                      "probe_rate": args.probe_rate, "poll_ms": args.poll_ms, "coarse_poll_ms": args.coarse_poll_ms,
                      "warm_events": args.warm_events, "threads": args.threads, "probe_timeout_s": args.probe_timeout,
-                     "serving_device": "cpu", "extra_env": args.env,
+                     "serving_device": args.serving_device, "extra_env": args.env,
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "observer_fetch_max_wait_ms": OBSERVER_FETCH_WAIT_MS},
     })
