@@ -1,6 +1,6 @@
 """The online learning step, independent of Kafka: one micro-batch of events in, an updated model out.
 
-For each micro-batch, in this order (`receive` does 1-2, `learn` 3-4, `step` all four):
+For each micro-batch, in this order (`receive` does 1, `admit` 2, `learn` 3-4, `step` all four):
 1. prequential test: every event that has at least one earlier event of its user is ranked
    against the full catalog by the serving model (what a replica would have answered) as it was
    *before* this batch (and by item popularity, the baseline), giving online HR@10 / NDCG@10
@@ -332,7 +332,7 @@ class OnlineLearner:
             avg.copy_(live)
 
     def receive(self, batch: EventBatch) -> Prequential:
-        """Prequential test and admission of a batch as it arrives, before it is learned; the
+        """Prequential test of a batch as it arrives, before it is admitted and learned; the
         context of each user is the stored history and the events received before (staged)."""
         if len(batch) == 0:
             return Prequential()
@@ -342,10 +342,15 @@ class OnlineLearner:
         w = build_windows(users, self.history.get_many(users, staged=True), batch, order, starts, self.max_len)
         # Slot t predicts slot t+1: a target is a new event with a real event right before it.
         result = self._prequential(w, w.is_new[:, 1:] & w.valid[:, :-1])
+        return dataclasses.replace(result, seconds=time.perf_counter() - start)
+
+    def admit(self, batch: EventBatch) -> None:
+        """Count each event's item once (admission, frequencies, recency), after its prequential test."""
+        if len(batch) == 0:
+            return
         now_s = int(batch.event_time_ms.max()) // 1000
         with self.lock:
             self.items.observe(torch.from_numpy(np.ascontiguousarray(batch.item_id)).to(self.device), now_s)
-        return dataclasses.replace(result, seconds=time.perf_counter() - start)
 
     def learn(self, batch: EventBatch) -> StepResult:
         """Train on a received batch and extend the histories; returns the loss and stage times
@@ -375,8 +380,9 @@ class OnlineLearner:
         return StepResult(len(batch), 0, 0.0, 0.0, 0.0, 0.0, loss, clock.seconds)
 
     def step(self, batch: EventBatch) -> StepResult:
-        """`receive` then `learn`: one micro-batch, start to end (evaluation, benchmarks)."""
+        """`receive`, `admit`, `learn`: one micro-batch, start to end (evaluation, benchmarks)."""
         p = self.receive(batch)
+        self.admit(batch)
         r = self.learn(batch)
         seconds = dict(r.seconds, prequential=p.seconds) if len(batch) else r.seconds
         return dataclasses.replace(r, scored=p.scored, hits=p.hits, ndcg_sum=p.ndcg_sum, pop_hits=p.pop_hits,

@@ -11,9 +11,11 @@ item admitted, the event staged in the history store, and its user's state re-en
 published. Freshness is this path alone. Then it waits for the *learner*, which runs one
 micro-batch at a time on a thread of its own: micro-batches close at `batch_events` records or
 `batch_max_ms`, and at most two of them wait (beyond that the worker stops polling until the
-learner catches up). Offsets, counters and checkpoints follow learning; because the item
-table counts events on receipt, a due checkpoint first stops receiving until everything
-received is learned, so what a checkpoint holds always matches its offsets.
+learner catches up). Offsets, counters and checkpoints follow learning. The item table counts
+events on receipt, so while a checkpoint is due newly received events are counted by the
+learner when it learns them instead, and the checkpoint is taken once every event counted on
+receipt has been learned: receiving never pauses, and what a checkpoint holds always matches
+its offsets.
 
 In deterministic mode batches are cut by offsets instead, and each is received, learned and
 accounted for in turn: each batch takes up to `batch_events` records from every partition, in
@@ -87,6 +89,7 @@ class Received:
     records: list[Any]
     batch: EventBatch
     prequential: Prequential
+    admitted: bool  # its items were counted on receipt (else the learner counts them)
 
 
 @dataclass(frozen=True)
@@ -279,22 +282,24 @@ class TrainerWorker:
                         self._receive(records)
                         self._start_learning()
                         self._collect_learning(wait=True)
-                elif self._checkpoint_due:
-                    self._drain_for_checkpoint()
                 else:
                     got = self._poll_waiting(max_events - taken if max_events is not None else None)
                     taken += got
                 now = time.monotonic()
                 if got:
                     last_data = now
+                if self._checkpoint_due and self._learning is None and not any(c.admitted for c in self._waiting):
+                    self.checkpoint()  # before the next step starts: under load the learner is never idle for long
                 if self._learning is None and self._waiting and not tc.deterministic:
                     waiting = sum(len(chunk.records) for chunk in self._waiting)
                     ended = max_events is not None and taken >= max_events
-                    if waiting >= tc.batch_events or ended or (now - self._first_waiting) * 1000 >= tc.batch_max_ms:
+                    draining = self._checkpoint_due and self._waiting[0].admitted
+                    if waiting >= tc.batch_events or ended or draining \
+                            or (now - self._first_waiting) * 1000 >= tc.batch_max_ms:
                         self._start_learning()
                 if self._learning is None and not self._waiting:
-                    if self._checkpoint_due or (not tc.deterministic and self._events_since_checkpoint
-                                                and now - self._last_checkpoint_time >= tc.checkpoint_every_s):
+                    if not tc.deterministic and self._events_since_checkpoint \
+                            and now - self._last_checkpoint_time >= tc.checkpoint_every_s:
                         self.checkpoint()
                     if self._reencode_stale():
                         pass  # idle: the bounded background re-encode catches up on stale states
@@ -338,14 +343,6 @@ class TrainerWorker:
             self._receive([r for p in sorted(buffers) for r in buffers[p]])
         return got
 
-    def _drain_for_checkpoint(self) -> None:
-        """A checkpoint is due: receive nothing more until every received event is learned, so the
-        store (which counts events as they are received) matches the offsets it is saved with."""
-        if self._learning is not None:
-            self._collect_learning(wait=True, timeout_s=0.05)
-        elif self._waiting:
-            self._start_learning()
-
     def _cut_by_offsets(self, buffers: dict[int, list[Any]], ends: dict[int, int]) -> list[Any]:
         """Up to `batch_events` records per partition, but only once every partition has them
         (or is at the end offset of the snapshot `ends`); empty while waiting."""
@@ -378,8 +375,13 @@ class TrainerWorker:
         self.metrics.batch_seconds.labels(stage="decode").observe(seconds)
         self._dead_letter(rejected)
         prequential = Prequential()
+        # The item table counts events on receipt, but a checkpoint must hold exactly the learned
+        # ones: while one is due, new events are admitted by the learner instead, when learned.
+        admitted = not self._checkpoint_due
         if len(batch):
             prequential = self.learner.receive(batch)
+            if admitted:
+                self.learner.admit(batch)
             self._add_seconds("prequential", prequential.seconds)
             self.metrics.batch_seconds.labels(stage="prequential").observe(prequential.seconds)
             self.history.stage(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
@@ -389,7 +391,7 @@ class TrainerWorker:
             self._add_seconds("state_refresh", time.perf_counter() - start)
         if not self._waiting:
             self._first_waiting = time.monotonic()
-        self._waiting.append(Received(records, batch, prequential))
+        self._waiting.append(Received(records, batch, prequential, admitted))
 
     def _start_learning(self) -> None:
         """Hand the oldest waiting chunks, up to `batch_events` records (at least one chunk), to
@@ -403,8 +405,15 @@ class TrainerWorker:
         if self._waiting:
             self._first_waiting = time.monotonic()
         batch = concat_batches([c.batch for c in chunks])
-        future = self._learner_thread.submit(self.learner.learn, batch)
+        unadmitted = [c.batch for c in chunks if not c.admitted and len(c.batch)]
+        future = self._learner_thread.submit(self._admit_and_learn, concat_batches(unadmitted) if unadmitted else None,
+                                             batch)
         self._learning = Learning(chunks, batch, future, time.perf_counter())
+
+    def _admit_and_learn(self, unadmitted: EventBatch | None, batch: EventBatch) -> StepResult:
+        if unadmitted is not None:
+            self.learner.admit(unadmitted)
+        return self.learner.learn(batch)
 
     def _collect_learning(self, *, wait: bool, timeout_s: float | None = None) -> None:
         """Account for a finished learning step: offsets, counters, metrics, expiry and the state

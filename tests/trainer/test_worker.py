@@ -22,6 +22,7 @@ from liverec.platform.datasets import load_dataset
 from liverec.platform.events import MIN_EVENT_TIME_MS, encode_event
 from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
 from liverec.platform.replay import rebase_times
+from liverec.trainer.items import ITEM_TABLE
 from liverec.trainer.worker import TrainerWorker, state_digest
 from liverec.v1 import events_pb2
 from tests.trainer.conftest import log_ends, publish_ml100k, small
@@ -58,11 +59,13 @@ def run_with_kills(cli_env: dict[str, str], state_dir: Path, seed: int, *extra: 
         proc = subprocess.Popen(train_cmd(state_dir, *extra), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         try:
+            seen: list[str] = []
             for line in proc.stderr:
+                seen = [*seen[-40:], line]
                 if '"msg": "checkpoint"' in line and json.loads(line)["applied"] >= threshold:
                     break
             time.sleep(rng.uniform(0.0, 0.1))
-            assert proc.poll() is None, "the trainer exited on its own before the kill"
+            assert proc.poll() is None, "the trainer exited on its own before the kill:\n" + "".join(seen)
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.kill()
@@ -104,6 +107,13 @@ def test_default_mode_applies_every_event_exactly_once_across_kills(config, cli_
     restored = TrainerWorker(small(config, tmp_path / "state"))
     stored = {user: len(h) for user, h in restored.history.items()}
     assert stored == {int(u): int(min(c, 10)) for u, c in zip(users, counts)}
+    # Each item's count in the store is exactly its number of events: the item table counts events
+    # on receipt, yet no checkpoint held a count of an event beyond its offsets (none expire: the
+    # stream spans 4 days, the TTL is 30).
+    keys, _ = restored.store.table_items(ITEM_TABLE)
+    items, item_counts = np.unique(table.item_id[:RECOVERY_EVENTS], return_counts=True)
+    assert dict(zip(keys.tolist(), restored.store.frequency(ITEM_TABLE, keys).tolist())) == \
+        dict(zip(items.tolist(), item_counts.tolist()))
 
 
 def bad_records() -> dict[str, list[bytes]]:
