@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import defaultdict
@@ -102,6 +103,12 @@ class Learning:
     start: float
 
 
+def _lower_priority(nice: int) -> None:
+    """Make the calling thread `nice` steps nicer (threads it starts inherit it); Linux only."""
+    if nice and hasattr(os, "setpriority"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+
+
 def build_online_codec(config: LiverecConfig) -> StateCodec:
     """The codec the trainer refreshes states with (a fresh instance: learned ones start untrained)."""
     return codec_from_config(config.state.codec, config.model, **config.state.params)
@@ -155,7 +162,8 @@ class TrainerWorker:
         self._first_waiting = 0.0
         self._learning: Learning | None = None
         self._checkpoint_due = False
-        self._learner_thread = ThreadPoolExecutor(1, thread_name_prefix="learner")
+        self._learner_thread = ThreadPoolExecutor(1, thread_name_prefix="learner", initializer=_lower_priority,
+                                                  initargs=(tc.learner_nice,))
 
     # -- state -----------------------------------------------------------------------------------
 
