@@ -137,7 +137,9 @@ class TrainerConfig:
     - `replay_users`: users drawn uniformly from those with a stored history (excluding the
       batch's) whose stored windows join the step, every position trained. One pass over the
       stream then trains on mixed batches instead of a burst of a few users (experience replay);
-      it reads only histories the trainer already keeps.
+      it reads only histories the trainer already keeps. With `model.encoder.dropout` 0.1, 64
+      users beat 32 (ml-100k full-catalog NDCG@10 of the online pass over five seeds: mean 0.103,
+      96: no better); without dropout more replay overfits (64: 0.091, 128: 0.075 at seed 1).
     - `serving_ema`: serving gets (and states are encoded with) an exponential moving average
       of the dense weights, `ema = serving_ema * ema + (1 - serving_ema) * weights` after every
       step; 0 serves the raw weights. Averaging the last ~10 steps smooths out the noise of
@@ -156,7 +158,7 @@ class TrainerConfig:
     negatives: int = 256
     full_softmax_items: int = 4096
     history_loss: bool = True
-    replay_users: int = 32
+    replay_users: int = 64
     serving_ema: float = 0.9
     dense_lr: float = 5e-4
     item_lr: float = 0.15
