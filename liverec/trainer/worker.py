@@ -109,11 +109,6 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
 
 
-def _log_failed_publish(sent: Future[int]) -> None:
-    if sent.exception() is not None:
-        log.error("parameter publish failed", exc_info=sent.exception())
-
-
 def build_online_codec(config: LiverecConfig) -> StateCodec:
     """The codec the trainer refreshes states with (a fresh instance: learned ones start untrained)."""
     return codec_from_config(config.state.codec, config.model, **config.state.params)
@@ -169,7 +164,6 @@ class TrainerWorker:
         self._checkpoint_due = False
         self._learner_thread = ThreadPoolExecutor(1, thread_name_prefix="learner", initializer=_lower_priority,
                                                   initargs=(tc.learner_nice,))
-        self._publish_thread = ThreadPoolExecutor(1, thread_name_prefix="publish")
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -488,13 +482,7 @@ class TrainerWorker:
         start = time.perf_counter()
         version = self.learner.version
         codec_state = self.codec_trainer.freeze(version) if self.codec_trainer is not None else None
-        snapshot = self.publisher.snapshot(self.store, self.learner.serving_model, version, self._last_event_time_ms,
-                                           codec_state)
-        # Producing thousands of row records is Python work: off the receive path, in order.
-        sent = self._publish_thread.submit(self.publisher.send, snapshot)
-        sent.add_done_callback(_log_failed_publish)
-        if codec_state is not None:
-            sent.result()  # states encoded with these codec parameters follow them, never precede
+        self.publisher.publish(self.store, self.learner.serving_model, version, self._last_event_time_ms, codec_state)
         self._last_publish_time = time.monotonic()
         self._add_seconds("publish", time.perf_counter() - start)
 
@@ -657,7 +645,6 @@ class TrainerWorker:
             if self.learner.version:
                 self.publish()
         finally:
-            self._publish_thread.shutdown()  # every snapshot taken is sent before the producer closes
             self.publisher.producer.close()
             self.states.producer.close()
             self.states.close()
