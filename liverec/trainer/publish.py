@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -47,6 +48,26 @@ def dense_bytes(model: nn.Module, codec_state: dict[str, torch.Tensor] | None = 
     return buffer.getvalue()
 
 
+@dataclasses.dataclass(frozen=True)
+class TableRows:
+    name: str
+    keys: torch.Tensor
+    weights: torch.Tensor
+    counts: torch.Tensor
+    removed: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """One publish's content, copied out of the live store and model."""
+
+    version: int
+    store_version: int
+    event_time_ms: int
+    tables: list[TableRows]
+    dense: bytes
+
+
 class ParamPublisher:
     def __init__(self, producer: KafkaProducer, topic: str, model_config: ModelConfig) -> None:
         self.producer = producer
@@ -58,9 +79,15 @@ class ParamPublisher:
                 codec_state: dict[str, torch.Tensor] | None = None) -> int:
         """Send the rows changed since the last publish, the dense weights (with `codec_state`, a
         learned codec's parameters) and a commit; returns rows sent."""
+        return sum(self.send(self.snapshot(store, model, version, event_time_ms, codec_state)))
+
+    def snapshot(self, store: EmbeddingStore, model: nn.Module, version: int, event_time_ms: int,
+                 codec_state: dict[str, torch.Tensor] | None = None) -> Snapshot:
+        """Copy what the next publish sends and move the store's publish mark: the part that must
+        see the store and the weights hold still. `send` then produces it a slice at a time."""
         full = not self._published_once
-        rows = 0
-        for name, table in store.tables.items():
+        tables = []
+        for name in store.tables:
             if full:
                 keys, weights = store.table_items(name)
                 removed = torch.zeros(0, dtype=torch.int64)
@@ -68,24 +95,38 @@ class ParamPublisher:
                 delta = store.export_delta(mark=False)[name]
                 keys, weights, removed = delta.keys, delta.weights, delta.removed
             counts = store.frequency(name, keys) if len(keys) else torch.zeros(0, dtype=torch.int64)
-            rows += self._send_rows(name, keys, weights, counts, store.version)
-            for key in removed.tolist():
-                self.producer.send(self.topic, key=item_key(name, key), value=None)
-            rows += len(removed)
+            tables.append(TableRows(name, keys.cpu().clone(), weights.detach().to("cpu", torch.float32).clone(),
+                                    counts.cpu().clone(), removed.cpu().clone()))
         store.mark()
-        blob = dense_bytes(model, codec_state)
+        self._published_once = True
+        return Snapshot(version, store.version, event_time_ms, tables, dense_bytes(model, codec_state))
+
+    def send(self, snap: Snapshot, slice_rows: int = 1 << 30) -> Iterator[int]:
+        """Produce a snapshot's records, the commit last, yielding the rows sent after every
+        `slice_rows` rows: producing a record costs tens of microseconds of Python, so a caller
+        with latency-bound work (the trainer's receive path) interleaves it between slices."""
+        for t in snap.tables:
+            for start in range(0, len(t.keys), slice_rows):
+                yield self._send_rows(t.name, t.keys[start:start + slice_rows], t.weights[start:start + slice_rows],
+                                      t.counts[start:start + slice_rows], snap.store_version)
+            removed = t.removed.tolist()
+            for start in range(0, len(removed), slice_rows):
+                for key in removed[start:start + slice_rows]:
+                    self.producer.send(self.topic, key=item_key(t.name, key), value=None)
+                yield len(removed[start:start + slice_rows])
+        blob = snap.dense
         parts = max(1, -(-len(blob) // DENSE_CHUNK_BYTES))
+        rows = sum(len(t.keys) + len(t.removed) for t in snap.tables)
         for part in range(parts):
-            chunk = params_pb2.DenseChunk(version=version, part=part, parts=parts,
+            chunk = params_pb2.DenseChunk(version=snap.version, part=part, parts=parts,
                                           data=blob[part * DENSE_CHUNK_BYTES:(part + 1) * DENSE_CHUNK_BYTES])
             self.producer.send(self.topic, key=dense_key(part), value=chunk.SerializeToString())
-        commit = params_pb2.ParamsCommit(version=version, dense_version=version, dense_parts=parts,
+        commit = params_pb2.ParamsCommit(version=snap.version, dense_version=snap.version, dense_parts=parts,
                                          dense_sha256=hashlib.sha256(blob).digest(),
                                          model_config_json=self.model_config_json,
-                                         event_time_ms=event_time_ms, rows=rows)
+                                         event_time_ms=snap.event_time_ms, rows=rows)
         self.producer.send(self.topic, key=COMMIT_KEY, value=commit.SerializeToString())
-        self._published_once = True
-        return rows
+        yield 0
 
     def _send_rows(self, table: str, keys: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                    version: int) -> int:
