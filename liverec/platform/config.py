@@ -145,10 +145,6 @@ class TrainerConfig:
       step; 0 serves the raw weights. Averaging the last ~10 steps smooths out the noise of
       single micro-batch updates (on ml-100k, NDCG@10 0.097 -> 0.106 at 0.9). Prequential
       scores use these served weights too: they rank what a replica would have answered.
-    - `learner_nice`: the learner's thread (and the compute threads it starts) run this much
-      nicer than the rest of the process (Linux; 0 = the same): learning is throughput work,
-      while receiving events and refreshing states (and, on a small host, the replica beside
-      the trainer) is what freshness waits for.
     """
 
     group_id: str = "liverec-trainer"
@@ -171,7 +167,6 @@ class TrainerConfig:
     expire_every_events: int = 10_000
     deterministic: bool = False
     seed: int = 0
-    learner_nice: int = 10
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400
 
@@ -186,7 +181,6 @@ class TrainerConfig:
         _require(self.item_lr > 0, "trainer.item_lr", "must be > 0")
         _require(self.checkpoint_every_s > 0, "trainer.checkpoint_every_s", "must be > 0")
         _require(self.publish_every_s > 0, "trainer.publish_every_s", "must be > 0")
-        _require(0 <= self.learner_nice <= 19, "trainer.learner_nice", "must be in 0..19")
         _require(self.item_ttl_s is None or self.item_ttl_s > 0, "trainer.item_ttl_s", "must be > 0 or null")
         _require(-1 <= self.metrics_port < 65536, "trainer.metrics_port", "must be a port (0: any free, -1: no endpoint)")
 

@@ -10,12 +10,12 @@ dead-lettered), scored by the serving model before anything learns from it (preq
 item admitted, the event staged in the history store, and its user's state re-encoded and
 published. Freshness is this path alone. Then it waits for the *learner*, which runs one
 micro-batch at a time on a thread of its own: micro-batches close at `batch_events` records or
-`batch_max_ms`, and at most two of them wait (beyond that the worker stops polling until the
+`batch_max_ms`, and at most eight of them wait (beyond that the worker stops polling until the
 learner catches up). Offsets, counters and checkpoints follow learning. The item table counts
-events on receipt, so while a checkpoint is due newly received events are counted by the
-learner when it learns them instead, and the checkpoint is taken once every event counted on
-receipt has been learned: receiving never pauses, and what a checkpoint holds always matches
-its offsets.
+events on receipt, so while a checkpoint is due (or more than a micro-batch already waits)
+newly received events are counted by the learner when it learns them instead, and a due
+checkpoint is taken once every event counted on receipt has been learned: receiving never
+pauses, and what a checkpoint holds always matches its offsets.
 
 In deterministic mode batches are cut by offsets instead, and each is received, learned and
 accounted for in turn: each batch takes up to `batch_events` records from every partition, in
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections import defaultdict
@@ -72,6 +71,9 @@ _PREQ_WINDOW = 5_000  # events in the rolling prequential HR/NDCG gauges
 # a slice delays a newly arrived event by ~2-3 ms instead of a whole publish (~300 ms on the H200
 # host at full-softmax training, where every step touches the whole catalog).
 _PUBLISH_SLICE_ROWS = 64
+# Micro-batches that may wait for the learner. A learner briefly slower than the stream (a
+# loaded host) then delays learning, not freshness; the learner catches up with full batches.
+_MAX_WAITING_BATCHES = 8
 
 
 @dataclass
@@ -106,12 +108,6 @@ class Learning:
     batch: EventBatch
     future: Future[StepResult]
     start: float
-
-
-def _lower_priority(nice: int) -> None:
-    """Make the calling thread `nice` steps nicer (threads it starts inherit it); Linux only."""
-    if nice and hasattr(os, "setpriority"):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
 
 
 def build_online_codec(config: LiverecConfig) -> StateCodec:
@@ -168,8 +164,7 @@ class TrainerWorker:
         self._learning: Learning | None = None
         self._checkpoint_due = False
         self._sending: Iterator[int] | None = None  # the publish being produced, a slice at a time
-        self._learner_thread = ThreadPoolExecutor(1, thread_name_prefix="learner", initializer=_lower_priority,
-                                                  initargs=(tc.learner_nice,))
+        self._learner_thread = ThreadPoolExecutor(1, thread_name_prefix="learner")
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -342,11 +337,14 @@ class TrainerWorker:
         return got
 
     def _poll_waiting(self, room: int | None) -> int:
-        """Receive whatever arrives, while the learner works on earlier events; at most two
-        micro-batches wait for it (beyond that the learner is the bottleneck: wait for it)."""
+        """Receive whatever arrives, while the learner works on earlier events; at most
+        `_MAX_WAITING_BATCHES` micro-batches wait for it (beyond that the learner cannot keep up
+        with the stream: wait for it)."""
         tc = self.config.trainer
         waiting = sum(len(chunk.records) for chunk in self._waiting)
-        limit = min(self.config.kafka.consumer_max_poll_records, 2 * tc.batch_events - waiting)
+        # One chunk never exceeds a micro-batch: the learner takes whole chunks.
+        limit = min(self.config.kafka.consumer_max_poll_records, tc.batch_events,
+                    _MAX_WAITING_BATCHES * tc.batch_events - waiting)
         if room is not None:
             limit = min(limit, room)
         if limit <= 0:
@@ -392,7 +390,11 @@ class TrainerWorker:
         prequential = Prequential()
         # The item table counts events on receipt, but a checkpoint must hold exactly the learned
         # ones: while one is due, new events are admitted by the learner instead, when learned.
-        admitted = not self._checkpoint_due
+        # So is everything after more than a micro-batch of admitted events waits (a learner
+        # behind the stream), which keeps a due checkpoint at most one step away; admission
+        # stays in event order.
+        admitted = not self._checkpoint_due and all(c.admitted for c in self._waiting) \
+            and sum(len(c.records) for c in self._waiting) < self.config.trainer.batch_events
         if len(batch):
             prequential = self.learner.receive(batch)
             if admitted:

@@ -272,16 +272,3 @@ def test_a_users_state_includes_an_event_before_the_learner_has_learned_it(confi
         worker.stop.set()
         thread.join(timeout=60)
 
-
-def test_the_learner_thread_runs_nicer_than_the_receive_path(config, tmp_path) -> None:
-    import os
-
-    worker = TrainerWorker(small(config, tmp_path / "state", learner_nice=7))
-    try:
-        base = os.getpriority(os.PRIO_PROCESS, 0)
-        learner = worker._learner_thread.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        assert learner.result(timeout=30) == min(19, base + 7)
-        assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the main thread is untouched
-    finally:
-        worker._learner_thread.shutdown()
-        worker.history.close()
