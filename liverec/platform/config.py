@@ -68,7 +68,7 @@ class KafkaConfig:
     consumer_max_poll_records: int = 2000
     # How long the broker may hold a fetch waiting for data. The local Tansu broker holds every
     # fetch for the full wait even when records arrive, so the trainer's and the replica's waits
-    # add up in event-to-served freshness (up to 2 x this at p50); an idle consumer then sends ~100
+    # add up in event-to-served freshness (each adds up to this); an idle consumer then sends ~100
     # small fetches a second. On the H200 host 10 and 50 ms measured within run-to-run noise.
     consumer_fetch_max_wait_ms: int = 10
 
