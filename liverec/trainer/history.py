@@ -82,11 +82,13 @@ class HistoryStore:
         if len(user_ids) == 0:
             return []
         with self._lock:
-            raws = self._db.get([user_key(u) for u in user_ids.tolist()])
-            stored = [_decode(raw) for raw in raws]
+            stored = self._stored(user_ids)
             if not staged or not self._staged:
                 return stored
             return [self._with_staged(h, self._staged.get(u)) for h, u in zip(stored, user_ids.tolist())]
+
+    def _stored(self, user_ids: np.ndarray) -> list[History]:
+        return [_decode(raw) for raw in self._db.get([user_key(u) for u in user_ids.tolist()])]
 
     def _with_staged(self, history: History, staged: deque[tuple[int, int, int]] | None) -> History:
         if not staged:
@@ -116,7 +118,7 @@ class HistoryStore:
         users, starts = np.unique(user_ids[order], return_index=True)
         ends = np.append(starts[1:], len(order))
         with self._lock:
-            current = [_decode(raw) for raw in self._db.get([user_key(u) for u in users.tolist()])]
+            current = self._stored(users)
             batch = WriteBatch(raw_mode=True)
             for user, start, end, old in zip(users.tolist(), starts.tolist(), ends.tolist(), current):
                 idx = order[start:end]

@@ -300,10 +300,9 @@ class TrainerWorker:
                 if self._checkpoint_due and self._learning is None and not any(c.admitted for c in self._waiting):
                     self.checkpoint()  # before the next step starts: under load the learner is never idle for long
                 if self._learning is None and self._waiting and not tc.deterministic:
-                    waiting = sum(len(chunk.records) for chunk in self._waiting)
                     ended = max_events is not None and taken >= max_events
                     draining = self._checkpoint_due and self._waiting[0].admitted
-                    if waiting >= tc.batch_events or ended or draining \
+                    if self._waiting_records() >= tc.batch_events or ended or draining \
                             or (now - self._first_waiting) * 1000 >= tc.batch_max_ms:
                         self._start_learning()
                 if self._learning is None and not self._waiting:
@@ -341,10 +340,9 @@ class TrainerWorker:
         `_MAX_WAITING_BATCHES` micro-batches wait for it (beyond that the learner cannot keep up
         with the stream: wait for it)."""
         tc = self.config.trainer
-        waiting = sum(len(chunk.records) for chunk in self._waiting)
         # One chunk never exceeds a micro-batch: the learner takes whole chunks.
         limit = min(self.config.kafka.consumer_max_poll_records, tc.batch_events,
-                    _MAX_WAITING_BATCHES * tc.batch_events - waiting)
+                    _MAX_WAITING_BATCHES * tc.batch_events - self._waiting_records())
         if room is not None:
             limit = min(limit, room)
         if limit <= 0:
@@ -394,7 +392,7 @@ class TrainerWorker:
         # behind the stream), which keeps a due checkpoint at most one step away; admission
         # stays in event order.
         admitted = not self._checkpoint_due and all(c.admitted for c in self._waiting) \
-            and sum(len(c.records) for c in self._waiting) < self.config.trainer.batch_events
+            and self._waiting_records() < self.config.trainer.batch_events
         if len(batch):
             prequential = self.learner.receive(batch)
             if admitted:
@@ -409,6 +407,9 @@ class TrainerWorker:
         if not self._waiting:
             self._first_waiting = time.monotonic()
         self._waiting.append(Received(records, batch, prequential, admitted))
+
+    def _waiting_records(self) -> int:
+        return sum(len(chunk.records) for chunk in self._waiting)
 
     def _start_learning(self) -> None:
         """Hand the oldest waiting chunks, up to `batch_events` records (at least one chunk), to
@@ -520,6 +521,13 @@ class TrainerWorker:
             cache = self.states.encode_histories(histories, self.learner.serving_model, self.learner.items)
             return cache, self.learner.version
 
+    def _encode_payloads(self, histories: list[History], codec: StateCodec) -> tuple[list[bytes], int]:
+        """`histories` encoded and compressed by `codec`, and the model version, in one hold of the
+        learner's lock (so cache and payload come from the same serving weights)."""
+        with self.learner.lock:
+            cache, version = self._encode(histories)
+            return codec.encode(cache, self.learner.serving_model), version
+
     def _refresh_received(self, batch: EventBatch) -> None:
         """Rewrite the state of every user in `batch` (just received, staged, not yet learned) with
         the serving model of the moment: appended to where `StateWriter.can_append` allows, else
@@ -544,9 +552,8 @@ class TrainerWorker:
         payloads: dict[int, bytes] = {}
         versions: dict[int, int] = {}
         if encode:
-            cache, encoded_version = self._encode([histories[i] for i in encode])
-            with self.learner.lock:
-                payloads.update(zip(encode, codec.encode(cache, self.learner.serving_model)))
+            encoded, encoded_version = self._encode_payloads([histories[i] for i in encode], codec)
+            payloads.update(zip(encode, encoded))
             versions.update(dict.fromkeys(encode, encoded_version))
         if append:
             with self.learner.lock:
@@ -621,10 +628,8 @@ class TrainerWorker:
             kept = set(rows)
             self.states.forget([entry for i, entry in enumerate(stale) if i not in kept])
             if rows:
-                cache, version = self._encode([histories[i] for i in rows])
                 codec, params_version = self._encoding_codec()
-                with self.learner.lock:
-                    payloads = codec.encode(cache, self.learner.serving_model)
+                payloads, version = self._encode_payloads([histories[i] for i in rows], codec)
                 records = [record_for(codec, payload, version, old[i].last_offset,  # type: ignore[union-attr]
                                       old[i].last_event_time_ms, params_version)  # type: ignore[union-attr]
                            for i, payload in zip(rows, payloads)]
