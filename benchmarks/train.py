@@ -5,7 +5,7 @@ model, default batching, checkpoints on) consumes it, and the wall time is split
 it records: consume (Kafka polls), decode, history (RocksDB reads/writes, window building),
 prequential (test-then-train scoring), store (embedding lookups, admission, sparse updates),
 forward_backward (dense model and Adam), state refresh, checkpoint, publish. The worker receives
-(consume, decode, prequential, state refresh) on its main thread while the learner (history,
+(consume, decode, state refresh) on its main thread while the learner (history, prequential,
 store, forward_backward) runs on its own, so the two threads' shares of the wall time overlap
 and may add up to more than 100%; each thread's own total says how busy it was.
 
@@ -35,7 +35,7 @@ from liverec.platform.replay import rebase_times, replay_into
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("consume", "decode", "history", "prequential", "store", "forward_backward", "state_refresh", "checkpoint",
           "publish")
-LEARNER_STAGES = ("history", "store", "forward_backward")  # on the learner's thread; the rest on the main one
+LEARNER_STAGES = ("history", "prequential", "store", "forward_backward")  # on the learner's thread; the rest on the main one
 
 
 def machine() -> str:

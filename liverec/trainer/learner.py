@@ -1,12 +1,13 @@
 """The online learning step, independent of Kafka: one micro-batch of events in, an updated model out.
 
-For each micro-batch, in this order (`receive` does 1, `admit` 2, `learn` 3-4, `step` all four):
-1. prequential test: every event that has at least one earlier event of its user is ranked
+For each micro-batch, in this order (`admit` does 1, `learn` 2-4, `step` all four):
+1. admission: the events' items are counted, and admitted into the item table when frequent
+   enough;
+2. prequential test: every event that has at least one earlier event of its user is ranked
    against the full catalog by the serving model (what a replica would have answered) as it was
    *before* this batch (and by item popularity, the baseline), giving online HR@10 / NDCG@10
-   that no training data has leaked into;
-2. admission: the events' items are counted, and admitted into the item table when frequent
-   enough;
+   that no training data has leaked into. "Before" covers the catalog too: items the batch (or
+   anything admitted after it) brought are left out, and popularity counts exclude them;
 3. training: one window per user (stored history + new events, chunked when a user brings more
    new events than fit) plus the stored windows of `replay_users` users drawn from those seen
    before; next-item softmax (exact over a small catalog, else sampled) + ranking loss on the
@@ -16,20 +17,23 @@ For each micro-batch, in this order (`receive` does 1, `admit` 2, `learn` 3-4, `
 The worker adds Kafka, checkpoints, the DLQ and metrics around this; `liverec evaluate` drives it
 directly over a dataset for the "one streaming pass" model.
 
-The worker calls `receive` as events arrive (their items then have rows, so the user states it
+The worker calls `admit` as events arrive (their items then have rows, so the user states it
 refreshes at once encode them) and runs `learn` on a thread of its own, so every touch of the
 item table and every use or update of the serving weights happen under `OnlineLearner.lock`; a
 reader holding the lock sees one consistent version of both. The forward and backward passes,
-the bulk of a step, run outside it.
+the bulk of a step, run outside it. The prequential test runs in `learn`, not on arrival: it is
+the same test (the serving weights have learned only earlier events, and admitted-but-unlearned
+items are subtracted from the catalog), batched per micro-batch and off the path that makes an
+event servable.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -87,7 +91,6 @@ class Prequential:
     ndcg_sum: float = 0.0
     pop_hits: float = 0.0
     pop_ndcg_sum: float = 0.0
-    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,9 @@ class OnlineLearner:
         self.max_len = model_config.encoder.max_len
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.version = 0
+        #: Occurrences per item admitted (counted by the item table) but not yet learned: what the
+        #: prequential test subtracts to see the catalog as it was before the batch it scores.
+        self._unlearned: Counter[int] = Counter()
 
     @classmethod
     def from_config(cls, config: LiverecConfig, items: ItemTable, history: HistoryStore, *, seed: int | None = None,
@@ -216,6 +222,21 @@ class OnlineLearner:
 
     # -- prequential ---------------------------------------------------------------------------
 
+    def _catalog_before(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The catalog without what admitted-but-unlearned events added: their counts subtracted,
+        items left with none dropped (they had no row before). Under the lock."""
+        keys, weights, counts = self.items.catalog()
+        if not self._unlearned:
+            return keys, weights, counts
+        pending_keys = torch.tensor(list(self._unlearned.keys()), dtype=torch.int64)
+        pending = torch.tensor(list(self._unlearned.values()), dtype=counts.dtype)
+        sorted_keys, perm = torch.sort(pending_keys)
+        pos = torch.searchsorted(sorted_keys, keys.cpu()).clamp(max=len(sorted_keys) - 1)
+        hit = sorted_keys[pos] == keys.cpu()
+        before = counts - torch.where(hit, pending[perm[pos]], 0).to(counts.device)
+        keep = before > 0
+        return keys[keep], weights[keep], before[keep]
+
     @torch.no_grad()
     def _prequential(self, w: Windows, targets_mask: np.ndarray) -> Prequential:
         """Ranks by the serving model (always in eval mode; the lock keeps its weights still)."""
@@ -228,7 +249,7 @@ class OnlineLearner:
         # Query tokens only after slots that hold a target, and no event outputs: same ranks.
         slots = mask.any(0).nonzero().squeeze(1)
         with self.lock:
-            keys, weights, counts = self.items.catalog()
+            keys, weights, counts = self._catalog_before()
             emb = self.items.embed(items.reshape(-1)).reshape(*items.shape, -1).detach()
             out = model.encoder(emb[:, :-1], torch.from_numpy(w.actions[:, :-1]).to(self.device),
                                 torch.from_numpy(w.valid[:, :-1]).to(self.device), None, slots, hidden=False)
@@ -331,30 +352,19 @@ class OnlineLearner:
         for avg, live in zip(self.serving_model.buffers(), self.model.buffers()):
             avg.copy_(live)
 
-    def receive(self, batch: EventBatch) -> Prequential:
-        """Prequential test of a batch as it arrives, before it is admitted and learned; the
-        context of each user is the stored history and the events received before (staged)."""
-        if len(batch) == 0:
-            return Prequential()
-        start = time.perf_counter()
-        order = np.argsort(batch.user_id, kind="stable")
-        users, starts = np.unique(batch.user_id[order], return_index=True)
-        w = build_windows(users, self.history.get_many(users, staged=True), batch, order, starts, self.max_len)
-        # Slot t predicts slot t+1: a target is a new event with a real event right before it.
-        result = self._prequential(w, w.is_new[:, 1:] & w.valid[:, :-1])
-        return dataclasses.replace(result, seconds=time.perf_counter() - start)
-
     def admit(self, batch: EventBatch) -> None:
-        """Count each event's item once (admission, frequencies, recency), after its prequential test."""
+        """Count each event's item once (admission, frequencies, recency), before it is learned;
+        every admitted batch is then learned, in admission order."""
         if len(batch) == 0:
             return
         now_s = int(batch.event_time_ms.max()) // 1000
         with self.lock:
             self.items.observe(torch.from_numpy(np.ascontiguousarray(batch.item_id)).to(self.device), now_s)
+            self._unlearned.update(batch.item_id.tolist())
 
     def learn(self, batch: EventBatch) -> StepResult:
-        """Train on a received batch and extend the histories; returns the loss and stage times
-        (the prequential fields are `receive`'s)."""
+        """Test an admitted batch (prequential), train on it and extend the histories; returns the
+        test's sums, the loss and stage times."""
         if len(batch) == 0:
             return StepResult(0, 0, 0.0, 0.0, 0.0, 0.0, math.nan)
         clock = StageClock()
@@ -362,7 +372,11 @@ class OnlineLearner:
         users, starts = np.unique(batch.user_id[order], return_index=True)
         histories = self.history.get_many(users)
         w = build_windows(users, histories, batch, order, starts, self.max_len)
+        # Slot t predicts slot t+1: a target is a new event with a real event right before it.
         targets_mask = w.is_new[:, 1:] & w.valid[:, :-1]
+        clock.lap("history")
+        test = self._prequential(w, targets_mask)
+        clock.lap("prequential")
         now_s = int(batch.event_time_ms.max()) // 1000
         loss_mask = w.valid[:, 1:] & w.valid[:, :-1] if self.history_loss else targets_mask
         replay = self._replay_windows(users)
@@ -375,15 +389,14 @@ class OnlineLearner:
             self._average()
             self.history.append(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
             self.version += 1
+            self._unlearned.subtract(batch.item_id.tolist())
+            self._unlearned = +self._unlearned  # drop the items with nothing left unlearned
         self._remember(users)
         clock.lap("history")
-        return StepResult(len(batch), 0, 0.0, 0.0, 0.0, 0.0, loss, clock.seconds)
+        return StepResult(len(batch), test.scored, test.hits, test.ndcg_sum, test.pop_hits, test.pop_ndcg_sum, loss,
+                          clock.seconds)
 
     def step(self, batch: EventBatch) -> StepResult:
-        """`receive`, `admit`, `learn`: one micro-batch, start to end (evaluation, benchmarks)."""
-        p = self.receive(batch)
+        """`admit` then `learn`: one micro-batch, start to end (evaluation, benchmarks)."""
         self.admit(batch)
-        r = self.learn(batch)
-        seconds = dict(r.seconds, prequential=p.seconds) if len(batch) else r.seconds
-        return dataclasses.replace(r, scored=p.scored, hits=p.hits, ndcg_sum=p.ndcg_sum, pop_hits=p.pop_hits,
-                                   pop_ndcg_sum=p.pop_ndcg_sum, seconds=seconds)
+        return self.learn(batch)

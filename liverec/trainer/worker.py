@@ -6,10 +6,10 @@ the truth, and group commits are made after each checkpoint only so that standar
 shows the trainer's lag.
 
 Two things happen to each record. It is *received* as soon as it is polled: decoded (bad ones
-dead-lettered), scored by the serving model before anything learns from it (prequential), its
-item admitted, the event staged in the history store, and its user's state re-encoded and
-published. Freshness is this path alone. Then it waits for the *learner*, which runs one
-micro-batch at a time on a thread of its own: micro-batches close at `batch_events` records or
+dead-lettered), its item admitted, the event staged in the history store, and its user's state
+re-encoded and published. Freshness is this path alone. Then it waits for the *learner*, which
+runs one micro-batch at a time on a thread of its own, tests it (prequential: ranked by the
+serving model before anything learns from it) and learns it: micro-batches close at `batch_events` records or
 `batch_max_ms`, and at most eight of them wait (beyond that the worker stops polling until the
 learner catches up). Offsets, counters and checkpoints follow learning. The item table counts
 events on receipt, so while a checkpoint is due (or more than a micro-batch already waits)
@@ -58,7 +58,7 @@ from liverec.trainer.decode import EventBatch, Rejected, concat_batches, decode_
 from liverec.trainer.dlq import DeadLetterQueue
 from liverec.trainer.history import History, HistoryStore
 from liverec.trainer.items import ITEM_TABLE, StoreItemTable
-from liverec.trainer.learner import OnlineLearner, Prequential, StepResult
+from liverec.trainer.learner import OnlineLearner, StepResult
 from liverec.trainer.metrics import TrainerMetrics
 from liverec.trainer.publish import ParamPublisher
 from liverec.trainer.state import StateWriter
@@ -92,11 +92,10 @@ class Counters:
 
 @dataclass(frozen=True)
 class Received:
-    """A chunk of records as received: all of them (offsets), the good events, their prequential test."""
+    """A chunk of records as received: all of them (offsets) and the good events."""
 
     records: list[Any]
     batch: EventBatch
-    prequential: Prequential
     admitted: bool  # its items were counted on receipt (else the learner counts them)
 
 
@@ -376,16 +375,14 @@ class TrainerWorker:
     # -- receiving and learning ------------------------------------------------------------------
 
     def _receive(self, records: list[Any]) -> None:
-        """Decode, dead-letter the bad; score the good before learning them (prequential), admit
-        their items, stage them in the history and refresh their users' states at once. The
-        records then wait for the learner."""
+        """Decode, dead-letter the bad; admit the good ones' items, stage them in the history and
+        refresh their users' states at once. The records then wait for the learner."""
         start = time.perf_counter()
         batch, rejected = decode_records(records)
         seconds = time.perf_counter() - start
         self._add_seconds("decode", seconds)
         self.metrics.batch_seconds.labels(stage="decode").observe(seconds)
         self._dead_letter(rejected)
-        prequential = Prequential()
         # The item table counts events on receipt, but a checkpoint must hold exactly the learned
         # ones: while one is due, new events are admitted by the learner instead, when learned.
         # So is everything after more than a micro-batch of admitted events waits (a learner
@@ -394,11 +391,8 @@ class TrainerWorker:
         admitted = not self._checkpoint_due and all(c.admitted for c in self._waiting) \
             and self._waiting_records() < self.config.trainer.batch_events
         if len(batch):
-            prequential = self.learner.receive(batch)
             if admitted:
                 self.learner.admit(batch)
-            self._add_seconds("prequential", prequential.seconds)
-            self.metrics.batch_seconds.labels(stage="prequential").observe(prequential.seconds)
             self.history.stage(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
             self._last_event_time_ms = max(self._last_event_time_ms, int(batch.event_time_ms.max()))
             start = time.perf_counter()
@@ -406,7 +400,7 @@ class TrainerWorker:
             self._add_seconds("state_refresh", time.perf_counter() - start)
         if not self._waiting:
             self._first_waiting = time.monotonic()
-        self._waiting.append(Received(records, batch, prequential, admitted))
+        self._waiting.append(Received(records, batch, admitted))
 
     def _waiting_records(self) -> int:
         return sum(len(chunk.records) for chunk in self._waiting)
@@ -457,8 +451,7 @@ class TrainerWorker:
         self.counters.applied += len(batch)
         m.consumed.inc(len(records))
         m.applied.inc(len(batch))
-        for chunk in learning.chunks:
-            self._record_prequential(chunk.prequential)
+        self._record_prequential(result)
         if len(batch):
             if not math.isnan(result.loss):
                 m.loss.set(result.loss)
@@ -650,7 +643,7 @@ class TrainerWorker:
             self.counters.dead_lettered[r.reason] = self.counters.dead_lettered.get(r.reason, 0) + 1
         log.warning("dead-lettered events", extra={"count": len(rejected), "reasons": sorted({r.reason for r in rejected})})
 
-    def _record_prequential(self, r: Prequential) -> None:
+    def _record_prequential(self, r: StepResult) -> None:
         """Counted once learned (with the offsets), so a restart never counts an event twice."""
         c, m = self.counters, self.metrics
         c.scored += r.scored

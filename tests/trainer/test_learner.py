@@ -122,3 +122,34 @@ def test_serving_weights_are_the_moving_average_of_the_trained_ones(tmp_path: Pa
     finally:
         h1.close()
         h2.close()
+
+
+def test_prequential_test_sees_the_catalog_as_it_was_before_the_batch(tmp_path: Path) -> None:
+    """The worker admits events on arrival and learns them later: by the time a batch is tested,
+    later batches may have brought new items and counts. The test must not see them."""
+    later = [(4, 40), (4, 41), (5, 10), (5, 10), (6, 10), (6, 40), (2, 42)]  # new items; item 10 surges
+    batch = [(1, 20), (2, 10), (3, 11), (2, 13)]
+
+    def learner(name: str) -> tuple[OnlineLearner, EmbeddingStore, HistoryStore]:
+        history = HistoryStore(tmp_path / name, MAX_LEN)
+        return (*make_learner(history, replay_users=0), history)
+
+    in_order, in_order_store, h1 = learner("in_order")
+    ahead, ahead_store, h2 = learner("ahead")
+    try:
+        in_order.step(events(FIRST, 0))
+        ahead.step(events(FIRST, 0))
+        expected = in_order.step(events(batch, 100))
+        ahead.admit(events(batch, 100))
+        ahead.admit(events(later, 200))  # received before the batch is learned
+        assert len(ahead_store.table(ITEM_TABLE)) > len(in_order_store.table(ITEM_TABLE))
+        got = ahead.learn(events(batch, 100))
+        assert expected.scored == 4
+        assert (got.scored, got.hits, got.pop_hits) == (expected.scored, expected.hits, expected.pop_hits)
+        assert got.ndcg_sum == pytest.approx(expected.ndcg_sum, abs=1e-6)
+        assert got.pop_ndcg_sum == pytest.approx(expected.pop_ndcg_sum, abs=1e-6)
+        ahead.learn(events(later, 200))
+        assert not ahead._unlearned  # everything admitted has been learned
+    finally:
+        h1.close()
+        h2.close()
