@@ -190,9 +190,10 @@ class StateConfig:
     """Per-user serving state: which codec compresses it (see liverec.model.codecs) and its params.
 
     Refresh (liverec/trainer/state.py). As events arrive, before they are learned, the trainer
-    rewrites the state of each of their users with the serving model of the moment; after each
-    micro-batch it re-encodes, from the history store, at most `reencode_per_batch` users whose
-    state is from an older model version, oldest first (also while idle);
+    rewrites the state of each of their users with the serving model of the moment; for each
+    micro-batch learned it re-encodes, from the history store, at most `reencode_per_batch` users
+    whose state is from an older model version, oldest first, a few per turn of its receive loop
+    (also while idle);
     `liverec_trainer_state_versions_behind` reports how far behind the oldest stored state is.
     Codecs without learned parts that can append (`full`, `int8`, `window`) append the new events
     to a stored state at most `append_max_versions_behind` model versions old instead of

@@ -239,7 +239,9 @@ class OnlineLearner:
 
     @torch.no_grad()
     def _prequential(self, w: Windows, targets_mask: np.ndarray) -> Prequential:
-        """Ranks by the serving model (always in eval mode; the lock keeps its weights still)."""
+        """Ranks by the serving model (always in eval mode). Only the catalog and the windows'
+        embeddings (copies) are read under the lock: the serving weights change on this thread
+        alone (`learn`'s averaging), so the forward pass need not keep the receiving thread out."""
         n = int(targets_mask.sum())
         if n == 0:
             return Prequential()
@@ -251,10 +253,10 @@ class OnlineLearner:
         with self.lock:
             keys, weights, counts = self._catalog_before()
             emb = self.items.embed(items.reshape(-1)).reshape(*items.shape, -1).detach()
-            out = model.encoder(emb[:, :-1], torch.from_numpy(w.actions[:, :-1]).to(self.device),
-                                torch.from_numpy(w.valid[:, :-1]).to(self.device), None, slots, hidden=False)
-            user_hidden = out.query_hidden[mask[:, slots]]
-            scores = model.retrieval_scores(user_hidden, model.retrieval.item_side(weights))
+        out = model.encoder(emb[:, :-1], torch.from_numpy(w.actions[:, :-1]).to(self.device),
+                            torch.from_numpy(w.valid[:, :-1]).to(self.device), None, slots, hidden=False)
+        user_hidden = out.query_hidden[mask[:, slots]]
+        scores = model.retrieval_scores(user_hidden, model.retrieval.item_side(weights))
         targets = items[:, 1:][mask]
         ranks = catalog_ranks(scores, keys, targets)
         pop_scores = counts.float()[None, :].expand(len(targets), -1)
