@@ -30,6 +30,11 @@ from liverec.serving.params import ParamsVersion
 ITEM_TABLE = "item"
 GRAPH_MIN_K = 16  # the smallest top-k a graph computes: every k up to it shares one graph per batch size
 GRAPH_WARM_BATCHES = 64  # graphs captured up front cover padded batch sizes up to this (larger: on first use)
+# One CUDA graph capture at a time in the process: torch.cuda.graph captures on one stream shared
+# by every instance, and a second capture begun on it meanwhile fails ("operation cannot be
+# performed in the present state"). A replica does capture from two threads: its parameter thread
+# warms the graphs of a grown catalog while its batcher may capture a batch size on first use.
+_CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -335,14 +340,15 @@ class FullCatalogGraphs:
             # One eager pass on a side stream first (lazy initialisation, e.g. cuBLAS
             # workspaces, must not happen inside a capture); other threads may use the GPU
             # meanwhile (thread_local capture mode).
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._pass(inp, kp)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph, capture_error_mode="thread_local"):
-                values, keys = self._pass(inp, kp)
+            with _CAPTURE_LOCK:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self._pass(inp, kp)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                cuda_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(cuda_graph, capture_error_mode="thread_local"):
+                    values, keys = self._pass(inp, kp)
         else:
             cuda_graph, (values, keys) = None, self._pass(inp, kp)
         graph = _Graph(cuda_graph, values, keys, torch.empty(values.shape, dtype=values.dtype, pin_memory=cuda),

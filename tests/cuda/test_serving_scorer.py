@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.serving.test_scorer import test_a_mixed_batch_answers_each_query_as_if_alone as mixed_batch
+from tests.serving.test_scorer import test_graphs_captured_from_several_threads_at_once_answer_right as threads
 from tests.serving.test_scorer import test_graphs_take_each_batch_s_version_and_a_grown_catalog as versions
 
 
@@ -17,3 +18,7 @@ def test_mixed_batch_on_the_device(device: torch.device, graphs: bool | None) ->
 
 def test_graph_versions_on_the_device(device: torch.device) -> None:
     versions(device.type)
+
+
+def test_graphs_captured_from_several_threads_on_the_device(device: torch.device) -> None:
+    threads(device.type)

@@ -10,6 +10,8 @@ static buffers take in turn and a catalog that outgrows them.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,29 @@ def test_graphs_take_each_batch_s_version_and_a_grown_catalog(device: str) -> No
     grown = on(other_version(4 * N_ITEMS, 2, 9), device)  # past the buffers' spare room: new graphs
     check(grown, QUERIES, scorer.recommend(grown, QUERIES))
     check(a, plain, scorer.recommend(a, plain))
+
+
+def test_graphs_captured_from_several_threads_at_once_answer_right(device: str = "cpu") -> None:
+    """A replica captures from two threads (parameter thread: a grown catalog's graphs; batcher: a
+    batch size on first use); on CUDA two captures at once used to fail."""
+    snapshots = [on(other_version(N_ITEMS * (i + 1), i, i + 1), device) for i in range(4)]
+    scorers = [Scorer(HistoryStateSource(HISTORIES), graphs=True) for _ in snapshots]
+    errors: list[BaseException] = []
+
+    def capture_and_answer(scorer: Scorer, snapshot: ModelSnapshot) -> None:
+        try:
+            scorer.warm(snapshot, batch=8)
+            check(snapshot, QUERIES, scorer.recommend(snapshot, QUERIES))
+        except BaseException as error:  # noqa: BLE001 - re-raised in the test's thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=capture_and_answer, args=pair) for pair in zip(scorers, snapshots, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def test_k_beyond_what_is_left_returns_every_remaining_item_once() -> None:
