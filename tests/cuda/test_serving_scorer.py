@@ -6,9 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.serving.test_scorer import test_a_mixed_batch_answers_each_query_as_if_alone as mixed_batch
-from tests.serving.test_scorer import test_graphs_captured_from_several_threads_at_once_answer_right as threads
-from tests.serving.test_scorer import test_graphs_take_each_batch_s_version_and_a_grown_catalog as versions
+from tests.serving.test_scorer import (
+    test_a_mixed_batch_answers_each_query_as_if_alone as mixed_batch,
+)
+from tests.serving.test_scorer import (
+    test_graphs_captured_from_several_threads_at_once_answer_right as threads,
+)
+from tests.serving.test_scorer import (
+    test_graphs_take_each_batch_s_version_and_a_grown_catalog as versions,
+)
 
 
 @pytest.mark.parametrize("graphs", [None, False, True])

@@ -16,9 +16,22 @@ import numpy as np
 import pytest
 import torch
 
-from liverec.serving.backend import ITEM_TABLE, Answer, HistoryStateSource, ModelSnapshot, Query, Scorer
+from liverec.serving.backend import (
+    ITEM_TABLE,
+    Answer,
+    HistoryStateSource,
+    ModelSnapshot,
+    Query,
+    Scorer,
+)
 from liverec.serving.params import ParamsVersion
-from tests.serving.service_harness import COLD_USER, HISTORIES, N_ITEMS, NOW_MS, make_snapshot
+from tests.serving.service_harness import (
+    COLD_USER,
+    HISTORIES,
+    N_ITEMS,
+    NOW_MS,
+    make_snapshot,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
