@@ -23,14 +23,15 @@ interval (it never makes freshness look better).
 Breakdown per probe (medians and p99 reported):
 - ack: send to the broker's acknowledgement;
 - trainer: send to the creation time of the trainer's state record for the user that includes
-  the probe (Kafka CreateTime, set by the trainer's producer: fetch, micro-batch wait up to
-  `batch_max_ms`, the learning step, the state re-encode);
+  the probe (Kafka CreateTime, set by the trainer's producer: its fetch, then its receive path:
+  decode, admission, history staging, the state encode; learning is not on this path);
 - delivery: that record's creation to its arrival at the observer consumer (producer linger,
   broker, fetch; the observer fetches with a 10 ms max wait);
 - serve: the observer's arrival to the served answer (replica fetch and RocksDB apply, poll
   granularity, the request itself).
-The trainer's own per-batch stage times (its Prometheus histogram) over the probe phase are
-reported beside them.
+The trainer's own stage times (its Prometheus histogram) over the probe phase are reported
+beside them: per received chunk on its main thread (decode, the whole receive path) and per
+learned micro-batch on the learner's thread.
 
 The local Tansu broker answers an idle fetch only when the consumer's fetch_max_wait_ms (kafka-
 python's default: 500 ms) has passed, even if records arrive meanwhile (measured here: a record
@@ -223,6 +224,10 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
     return out
 
 
+# Stages the trainer times per received chunk on its main thread (the rest: per learned micro-batch).
+RECEIVE_STAGES = ("decode", "receive")
+
+
 def stage_means(before: dict, after: dict) -> dict:
     """Mean seconds per micro-batch of each trainer stage between two scrapes, and batches."""
     out: dict[str, dict] = {}
@@ -352,7 +357,7 @@ async def probe_phase(args: argparse.Namespace, config, users: list[int], grpc_p
         after_t, after_s = scrape(trainer_port), scrape(server_metrics_port)
         stages = stage_means(before_t, after_t)
         if "total" in stages:  # the state refresh and bookkeeping have no stage of their own
-            listed = sum(v["mean_ms"] for k, v in stages.items() if k != "total")
+            listed = sum(v["mean_ms"] for k, v in stages.items() if k not in ("total", *RECEIVE_STAGES))
             stages["refresh_and_rest"] = {"batches": stages["total"]["batches"],
                                           "mean_ms": max(0.0, stages["total"]["mean_ms"] - listed)}
         result["trainer_stages"] = stages
@@ -494,6 +499,11 @@ def print_table(r: dict) -> None:
     print(f"  served {r['served']}/{r['probes']} probes ({r['timed_out']} timed out), "
           f"{r['polls_per_probe']:.1f} Recommend calls per probe")
     st = r.get("trainer_stages") or {}
+    received = {k: v for k, v in st.items() if k in RECEIVE_STAGES}
+    st = {k: v for k, v in st.items() if k not in RECEIVE_STAGES}
+    if received:
+        print("  trainer per received chunk (main thread, ms): " + ", ".join(
+            f"{k} {v['mean_ms']:.1f} ({v['batches']:.0f} chunks)" for k, v in sorted(received.items())))
     if st:
         parts = ", ".join(f"{k} {v['mean_ms']:.1f}" for k, v in sorted(st.items(), key=lambda kv: -kv[1]["mean_ms"]))
         epb = r.get("trainer_events_per_batch")

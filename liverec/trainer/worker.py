@@ -384,7 +384,7 @@ class TrainerWorker:
     def _receive(self, records: list[Any]) -> None:
         """Decode, dead-letter the bad; admit the good ones' items, stage them in the history and
         refresh their users' states at once. The records then wait for the learner."""
-        start = time.perf_counter()
+        start = received = time.perf_counter()
         batch, rejected = decode_records(records)
         seconds = time.perf_counter() - start
         self._add_seconds("decode", seconds)
@@ -408,6 +408,7 @@ class TrainerWorker:
         if not self._waiting:
             self._first_waiting = time.monotonic()
         self._waiting.append(Received(records, batch, admitted))
+        self.metrics.batch_seconds.labels(stage="receive").observe(time.perf_counter() - received)
 
     def _waiting_records(self) -> int:
         return sum(len(chunk.records) for chunk in self._waiting)
