@@ -110,6 +110,12 @@ class CountMinSketch:
         self.total += added
         return updated.index_select(0, inverse).view(self.depth, -1).amin(dim=0).long()
 
+    def kernel_arguments(self) -> tuple[torch.Tensor, int, int, int, int]:
+        """(counters, seed, width, depth, bits): what a compiled CPU kernel needs to count and
+        estimate with this sketch's cells (`cpu_step.admission_candidates`); it adds to the
+        counters in place, and the caller adds what it counted to `total`."""
+        return self.counters, self._seed, self.width, self.depth, self.bits
+
     def estimate(self, keys: torch.Tensor) -> torch.Tensor:
         """Estimated count of each key (never below min(true count, cap))."""
         cells = self._cells(keys)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from liverec.embedding_store.storage import grown
+
 _COMPACT_EVERY = 64
 
 
@@ -38,9 +40,9 @@ class ChangeLog:
             self._removed = [torch.unique(torch.cat(self._removed))]
 
     def grow(self, row_capacity: int) -> None:
-        grown = torch.zeros(row_capacity, dtype=torch.bool, device=self.changed.device)
-        grown[: self.changed.numel()] = self.changed
-        self.changed = grown
+        old = self.changed.numel()
+        self.changed = grown(self.changed, row_capacity)
+        self.changed[old:] = False
 
     def removed_keys(self) -> torch.Tensor:
         """Every logged key, once each, sorted (the caller drops those that hold a row again)."""

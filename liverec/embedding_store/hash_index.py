@@ -40,6 +40,7 @@ import math
 import torch
 
 from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, SLOT_DTYPE, TOMBSTONE_KEY, kernels_for
+from liverec.embedding_store.storage import grown
 
 
 def grown_rows(current: int, needed: int) -> int:
@@ -131,12 +132,11 @@ class HashIndex:
 
     def reserve_rows(self, rows: int) -> None:
         """Make row_keys hold at least `rows` rows (new rows free)."""
-        if rows <= self.row_keys.numel():
+        old = self.row_keys.numel()
+        if rows <= old:
             return
-        grown = torch.full((grown_metadata_rows(self.row_keys.numel(), rows),), EMPTY_KEY, dtype=torch.int64,
-                           device=self.device)
-        grown[: self.row_keys.numel()] = self.row_keys
-        self.row_keys = grown
+        self.row_keys = grown(self.row_keys, grown_metadata_rows(old, rows))
+        self.row_keys[old:] = EMPTY_KEY
 
     def find(self, keys: torch.Tensor) -> torch.Tensor:
         """Row of each key, -1 where absent."""

@@ -76,3 +76,15 @@ def initial_rows(config: TableConfig, table_seed: int, keys: torch.Tensor) -> to
     torch.cos(angle, out=values[:, :, 0]).mul_(radius)
     torch.sin(angle, out=values[:, :, 1]).mul_(radius)
     return values.view(n, 2 * pairs)[:, :dim].to(config.torch_dtype)
+
+
+def write_initial_rows(config: TableConfig, table_seed: int, keys: torch.Tensor, weights: torch.Tensor,
+                       rows: torch.Tensor) -> None:
+    """weights[rows] = initial_rows(config, table_seed, keys), bit for bit. On the CPU with
+    float32 weights the values are written straight into the rows by compiled kernels, without
+    the (n, dim) temporaries and the dozen passes over them."""
+    if weights.device.type == "cpu" and weights.dtype == torch.float32 and config.initializer != "zeros":
+        write = cpu_step.write_normal_rows if config.initializer == "normal" else cpu_step.write_uniform_rows
+        write(weights, rows, keys, table_seed, config.init_scale)
+        return
+    weights.index_copy_(0, rows, initial_rows(config, table_seed, keys))

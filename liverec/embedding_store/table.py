@@ -45,8 +45,9 @@ from liverec.embedding_store.config import TableConfig
 from liverec.embedding_store.dirty import ChangeLog
 from liverec.embedding_store.hash_index import HashIndex, check_keys, grown_rows
 from liverec.embedding_store.hashing import derive_seed
-from liverec.embedding_store.initializer import initial_rows
+from liverec.embedding_store.initializer import write_initial_rows
 from liverec.embedding_store.kernels import EMPTY_KEY, cpu_step
+from liverec.embedding_store.storage import grown
 
 COUNT_CAP = 2**30
 # Last-update times are stored as int32 seconds from this base (2023-11-14T22:13:20Z): event
@@ -187,14 +188,19 @@ class Table:
         if self.device.type == "cpu":
             distinct, inverse, occurrences, distinct_rows = cpu_step.dedup_find(self.index.slots, self.index.row_keys,
                                                                                 keys)
+            self._admit_compiled(distinct, occurrences, distinct_rows, int(now_s))
+            self.counters["filtered"] += cpu_step.touch(self.counts, self.last_update, distinct_rows, occurrences,
+                                                        int(now_s) - TIME_BASE_S, COUNT_CAP)
+            if self.logs:
+                self._changed(distinct_rows[distinct_rows >= 0])
         else:
             distinct, inverse, occurrences = torch.unique(keys, return_inverse=True, return_counts=True)
             distinct_rows = self.index.find(distinct)
-        missing = distinct_rows < 0
-        if bool(missing.any()):
-            self._admit(distinct, occurrences, distinct_rows, missing, int(now_s))
-            self.counters["filtered"] += int(occurrences[distinct_rows < 0].sum())
-        self._touch(distinct_rows, occurrences, int(now_s))
+            missing = distinct_rows < 0
+            if bool(missing.any()):
+                self._admit(distinct, occurrences, distinct_rows, missing, int(now_s))
+                self.counters["filtered"] += int(occurrences[distinct_rows < 0].sum())
+            self._touch(distinct_rows, occurrences, int(now_s))
         self._pins.append(distinct_rows)
         rows = distinct_rows.index_select(0, inverse)
         self._dedup = _Dedup(rows, distinct_rows, inverse)
@@ -205,6 +211,8 @@ class Table:
 
         The weight tensor keeps one always-zero row past the last real row, so this is a single
         gather with -1 redirected there, not a gather followed by a masking pass."""
+        if self.device.type == "cpu" and self.weights.dtype == torch.float32:
+            return cpu_step.gather(self.weights, rows)
         zero_row = self.row_capacity
         return self.weights.index_select(0, torch.where(rows < 0, zero_row, rows))
 
@@ -247,8 +255,28 @@ class Table:
         row_of_missed[eligible] = new_rows
         rows[missing] = row_of_missed
 
+    def _admit_compiled(self, distinct: torch.Tensor, occurrences: torch.Tensor, rows: torch.Tensor, now_s: int) -> None:
+        """`_admit` on the CPU: counting, choosing and sorting the candidates in one compiled
+        pass over the distinct keys, and the new rows' weights, state and metadata written in
+        place by compiled kernels (the same values, without mask, sort and fill passes)."""
+        sketch = None if self.sketch is None else self.sketch.kernel_arguments()
+        keys, index, added = cpu_step.admission_candidates(distinct, occurrences, rows, sketch, self.config.min_count)
+        if self.sketch is not None:
+            self.sketch.total += added
+        admitted = self._make_room(keys.numel(), in_use=rows) if keys.numel() else 0
+        if admitted == 0:
+            return
+        keys, index = keys[:admitted], index[:admitted]
+        new_rows = self.index.insert_missed(keys)  # missed by this step's find, sorted, unique
+        self._ensure_row_capacity(self.index.high_water)
+        write_initial_rows(self.config, self.init_seed, keys, self.weights, new_rows)
+        state = [(tensor, optimizers.initial_value(self.config, name)) for name, tensor in self.state.items()]
+        cpu_step.new_row_metadata(new_rows, index, rows, state, self.last_update, now_s - TIME_BASE_S, self.counts)
+        self._changed(new_rows)
+        self.counters["admitted"] += admitted
+
     def _init_rows(self, keys: torch.Tensor, rows: torch.Tensor, now_s: int) -> None:
-        self.weights.index_copy_(0, rows, initial_rows(self.config, self.init_seed, keys))
+        write_initial_rows(self.config, self.init_seed, keys, self.weights, rows)
         for name, state in self.state.items():
             state.index_fill_(0, rows, optimizers.initial_value(self.config, name))
         self.last_update.index_fill_(0, rows, now_s - TIME_BASE_S)
@@ -257,12 +285,7 @@ class Table:
 
     def _touch(self, rows: torch.Tensor, occurrences: torch.Tensor, now_s: int) -> None:
         """Count (saturating) and time-stamp unique `rows` (-1: none, skipped), seen `occurrences`
-        times each."""
-        if self.device.type == "cpu":
-            cpu_step.touch(self.counts, self.last_update, rows, occurrences, now_s - TIME_BASE_S, COUNT_CAP)
-            if self.logs:
-                self._changed(rows[rows >= 0])
-            return
+        times each (the CPU does this in `cpu_step.touch`)."""
         present = rows >= 0
         rows, occurrences = rows[present], occurrences[present]
         if rows.numel() == 0:
@@ -460,14 +483,14 @@ class Table:
         the index's.)"""
         if rows > self.row_capacity:
             old, capacity = self.row_capacity, grown_rows(self.row_capacity, rows)
-            self.weights = _grown(self.weights[:old], capacity + 1)
+            self.weights = grown(self.weights[:old], capacity + 1)
             self.weights[capacity].zero_()
-            self.state = {name: _grown(state, capacity) for name, state in self.state.items()}
+            self.state = {name: grown(state, capacity) for name, state in self.state.items()}
         self.index.reserve_rows(rows)
         metadata_rows = self.index.row_keys.numel()
         if metadata_rows > self.metadata_rows:
-            self.last_update = _grown(self.last_update, metadata_rows)
-            self.counts = _grown(self.counts, metadata_rows)
+            self.last_update = grown(self.last_update, metadata_rows)
+            self.counts = grown(self.counts, metadata_rows)
             for log in self.logs.values():
                 log.grow(metadata_rows)
 
@@ -492,13 +515,6 @@ class Table:
 def _check_time(now_s: int) -> None:
     if not _TIME_MIN_S <= int(now_s) <= _TIME_MAX_S:
         raise ValueError(f"event time {now_s} s is outside the stored range [{_TIME_MIN_S}, {_TIME_MAX_S}]")
-
-
-def _grown(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """`tensor` copied into the first rows of a new uninitialised tensor of `rows` rows."""
-    grown = tensor.new_empty((rows, *tensor.shape[1:]))
-    grown[: tensor.shape[0]] = tensor
-    return grown
 
 
 def _sorted(distinct_rows: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

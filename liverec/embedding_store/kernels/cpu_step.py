@@ -29,8 +29,40 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from liverec.embedding_store.kernels.cpu import _find_one, _home, _next
+
+# Rows are prefetched this many iterations ahead in the row-walking kernels: a row of a large
+# table is a cache (and TLB) miss, and a loop body that works on a whole row is too long for
+# the CPU to reach the next row's loads on its own.
+_AHEAD = 8
+_CACHE_LINE_FLOATS = 16
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):  # noqa: ANN001, ANN202 (numba's intrinsic protocol)
+    """Hint the cache to fetch array[index] (a 1-D C-contiguous array) for reading: llvm.prefetch."""
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0")
+        address = builder.bitcast(builder.gep(data, [args[1]]), byte_pointer)
+        builder.call(function, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+@numba.njit(cache=True, inline="always")
+def _prefetch_row(flat: np.ndarray, start: np.int64, length: int) -> None:
+    for k in range(0, length, _CACHE_LINE_FLOATS):
+        _prefetch(flat, start + k)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -106,28 +138,95 @@ def _cell(h: np.uint64, r: int, width: int) -> np.int64:
     return np.int64((first + np.uint64(r) * step) & wmask) + r * width
 
 
+@numba.njit(cache=True, inline="always")
+def _sketch_add(counters: np.ndarray, h: np.uint64, add: np.int64, width: int, depth: int, bits: int,
+                per_byte_log2: int) -> None:
+    """Raise the key's `depth` cells (hashed to h) by `add`, saturating at 2**bits - 1."""
+    cap = (1 << bits) - 1
+    low = (1 << per_byte_log2) - 1
+    add = min(add, cap)
+    for r in range(depth):
+        cell = _cell(h, r, width)
+        byte, shift = cell >> per_byte_log2, (cell & low) * bits
+        packed = np.int64(counters[byte])
+        value = (packed >> shift) & cap
+        raised = min(value + add, cap)
+        counters[byte] = np.uint8(packed + ((raised - value) << shift))
+
+
+@numba.njit(cache=True, inline="always")
+def _sketch_estimate(counters: np.ndarray, h: np.uint64, width: int, depth: int, bits: int,
+                     per_byte_log2: int) -> np.int64:
+    cap = (1 << bits) - 1
+    low = (1 << per_byte_log2) - 1
+    best = np.int64(cap)
+    for r in range(depth):
+        cell = _cell(h, r, width)
+        best = min(best, (np.int64(counters[cell >> per_byte_log2]) >> ((cell & low) * bits)) & cap)
+    return best
+
+
 @numba.njit(cache=True)
 def _sketch(counters: np.ndarray, keys: np.ndarray, counts: np.ndarray, seed: np.int64, width: int, depth: int,
             bits: int, per_byte_log2: int, out: np.ndarray) -> None:
-    cap = (1 << bits) - 1
-    low = (1 << per_byte_log2) - 1
     for i in range(keys.shape[0]):
-        h = _splitmix64(np.uint64(keys[i] ^ seed))
-        add = min(counts[i], cap)
-        for r in range(depth):
-            cell = _cell(h, r, width)
-            byte, shift = cell >> per_byte_log2, (cell & low) * bits
-            packed = np.int64(counters[byte])
-            value = (packed >> shift) & cap
-            raised = min(value + add, cap)
-            counters[byte] = np.uint8(packed + ((raised - value) << shift))
+        _sketch_add(counters, _splitmix64(np.uint64(keys[i] ^ seed)), counts[i], width, depth, bits, per_byte_log2)
     for i in range(keys.shape[0]):
-        h = _splitmix64(np.uint64(keys[i] ^ seed))
-        best = cap
-        for r in range(depth):
-            cell = _cell(h, r, width)
-            best = min(best, (np.int64(counters[cell >> per_byte_log2]) >> ((cell & low) * bits)) & cap)
-        out[i] = best
+        out[i] = _sketch_estimate(counters, _splitmix64(np.uint64(keys[i] ^ seed)), width, depth, bits,
+                                  per_byte_log2)
+
+
+@numba.njit(cache=True)
+def _candidates(distinct: np.ndarray, occurrences: np.ndarray, rows: np.ndarray, counters: np.ndarray,
+                seed: np.int64, width: int, depth: int, bits: int, per_byte_log2: int, min_count: int,
+                counted: bool) -> tuple[np.ndarray, np.ndarray, np.int64]:
+    missed = np.empty(distinct.shape[0], dtype=np.int64)
+    count = 0
+    for d in range(distinct.shape[0]):
+        if rows[d] < 0:
+            missed[count] = d
+            count += 1
+    added = np.int64(0)
+    eligible = np.empty(count, dtype=np.int64)
+    chosen = 0
+    if counted:
+        for k in range(count):
+            d = missed[k]
+            added += occurrences[d]
+            _sketch_add(counters, _splitmix64(np.uint64(distinct[d] ^ seed)), occurrences[d], width, depth, bits,
+                        per_byte_log2)
+        for k in range(count):
+            d = missed[k]
+            if _sketch_estimate(counters, _splitmix64(np.uint64(distinct[d] ^ seed)), width, depth, bits,
+                                per_byte_log2) >= min_count:
+                eligible[chosen] = d
+                chosen += 1
+    else:
+        eligible[:count] = missed[:count]
+        chosen = count
+    keys = np.empty(chosen, dtype=np.int64)
+    for k in range(chosen):
+        keys[k] = distinct[eligible[k]]
+    order = np.argsort(keys)
+    return keys[order], eligible[:chosen][order], added
+
+
+def admission_candidates(distinct: torch.Tensor, occurrences: torch.Tensor, rows: torch.Tensor,
+                         sketch: tuple[torch.Tensor, int, int, int, int] | None, min_count: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The missed distinct keys (rows[d] < 0) that may be admitted, ascending, with their
+    distinct indices, and the occurrences the sketch counted. With a sketch (counters, seed,
+    width, depth, bits) the missed keys are counted first, all of them, then those whose
+    estimate reached min_count are the candidates (`sketch_add_estimate` on the missed keys);
+    without one every missed key is."""
+    if sketch is None:
+        counters, seed, width, depth, bits = torch.zeros(1, dtype=torch.uint8), 0, 4, 0, 2
+    else:
+        counters, seed, width, depth, bits = sketch
+    keys, index, added = _candidates(distinct.numpy(), occurrences.numpy(), rows.numpy(), counters.numpy(),
+                                     np.int64(seed), width, depth, bits, 3 - (bits.bit_length() - 1), min_count,
+                                     sketch is not None)
+    return torch.from_numpy(keys), torch.from_numpy(index), int(added)
 
 
 def sketch_add_estimate(counters: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, *, seed: int, width: int,
@@ -145,22 +244,35 @@ _M32 = np.uint64(0xFFFFFFFF)
 _GOLDEN32 = np.uint64(0x9E3779B9)
 _FMIX1 = np.uint64(0x85EBCA6B)
 _FMIX2 = np.uint64(0xC2B2AE35)
+_UNIT = np.float32(2.0**-24)
+_TWO_PI = np.float32(2.0 * np.pi)
+
+
+@numba.njit(cache=True, inline="always")
+def _key_seed(key: np.int64, seed: np.int64) -> tuple[np.uint64, np.uint64]:
+    s = _splitmix64(np.uint64(key ^ seed))
+    return s & _M32, s >> np.uint64(32)
+
+
+@numba.njit(cache=True, inline="always")
+def _uniform(low: np.uint64, high: np.uint64, j: int) -> np.float32:
+    """Uniform j of a key whose seed halves are (low, high): murmur3's finaliser of
+    (j * golden + low) ^ high, its top 24 bits scaled to [0, 1)."""
+    h = ((np.uint64(j) * _GOLDEN32 + low) & _M32) ^ high
+    h ^= h >> np.uint64(16)
+    h = (h * _FMIX1) & _M32
+    h ^= h >> np.uint64(13)
+    h = (h * _FMIX2) & _M32
+    h ^= h >> np.uint64(16)
+    return np.float32(h >> np.uint64(8)) * _UNIT
 
 
 @numba.njit(cache=True, parallel=True)
 def _uniforms(keys: np.ndarray, seed: np.int64, out: np.ndarray) -> None:
-    unit = np.float32(2.0**-24)
     for i in numba.prange(keys.shape[0]):
-        s = _splitmix64(np.uint64(keys[i] ^ seed))
-        low, high = s & _M32, s >> np.uint64(32)
+        low, high = _key_seed(keys[i], seed)
         for j in range(out.shape[1]):
-            h = ((np.uint64(j) * _GOLDEN32 + low) & _M32) ^ high
-            h ^= h >> np.uint64(16)
-            h = (h * _FMIX1) & _M32
-            h ^= h >> np.uint64(13)
-            h = (h * _FMIX2) & _M32
-            h ^= h >> np.uint64(16)
-            out[i, j] = np.float32(h >> np.uint64(8)) * unit
+            out[i, j] = _uniform(low, high, j)
 
 
 def uniforms(keys: torch.Tensor, count: int, seed: int) -> torch.Tensor:
@@ -171,75 +283,100 @@ def uniforms(keys: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def _touch(counts: np.ndarray, last_update: np.ndarray, rows: np.ndarray, occurrences: np.ndarray, now: np.int32,
-           cap: int) -> None:
-    for i in range(rows.shape[0]):
+           cap: int) -> np.int64:
+    unrowed = np.int64(0)
+    for i in numba.prange(rows.shape[0]):  # rows are distinct: no two iterations write one row
         row = rows[i]
         if row >= 0:
             counts[row] = min(np.int64(counts[row]) + occurrences[i], cap)
             if last_update[row] < now:
                 last_update[row] = now
+        else:
+            unrowed += occurrences[i]
+    return unrowed
 
 
 def touch(counts: torch.Tensor, last_update: torch.Tensor, rows: torch.Tensor, occurrences: torch.Tensor,
-          now_offset: int, cap: int) -> None:
-    """counts[row] += occurrences (saturating at cap), last_update[row] = max(it, now), rows >= 0."""
-    _touch(counts.numpy(), last_update.numpy(), rows.numpy(), occurrences.numpy(), np.int32(now_offset), cap)
+          now_offset: int, cap: int) -> int:
+    """counts[row] += occurrences (saturating at cap), last_update[row] = max(it, now), for the
+    distinct rows >= 0; returns the occurrences of the rows of -1 (keys without a row)."""
+    return int(_touch(counts.numpy(), last_update.numpy(), rows.numpy(), occurrences.numpy(), np.int32(now_offset),
+                      cap))
+
+
+@numba.njit(cache=True)
+def _occurrence_lists(inverse: np.ndarray, distinct: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each distinct index's occurrences as a linked list in ascending order: head[d] is the
+    first, nxt[i] the one after i (-1: none). One backward pass, where a counting sort takes two
+    passes and a prefix sum; and since distinct indices usually follow first occurrence, walking
+    the heads in order reads the gradients nearly sequentially."""
+    head = np.full(distinct, -1, dtype=np.int64)
+    nxt = np.empty(inverse.shape[0], dtype=np.int64)
+    for i in range(inverse.shape[0] - 1, -1, -1):
+        d = inverse[i]
+        nxt[i] = head[d]
+        head[d] = i
+    return head, nxt
 
 
 @numba.njit(cache=True, parallel=True)
 def _apply(weights: np.ndarray, s1: np.ndarray, s2: np.ndarray, s3: np.ndarray, rows: np.ndarray,
            inverse: np.ndarray, grads: np.ndarray, optimizer: int, lr: np.float32, eps: np.float32,
-           beta1: np.float32, beta2: np.float32, rejected: np.ndarray) -> None:
+           beta1: np.float32, beta2: np.float32, rejected: np.ndarray, chunks: int) -> None:
     distinct, dim = rows.shape[0], grads.shape[1]
-    starts = np.zeros(distinct + 1, dtype=np.int64)
-    for i in range(inverse.shape[0]):
-        starts[inverse[i] + 1] += 1
-    for d in range(distinct):
-        starts[d + 1] += starts[d]
-    order = np.empty(inverse.shape[0], dtype=np.int64)
-    fill = starts[:-1].copy()
-    for i in range(inverse.shape[0]):
-        d = inverse[i]
-        order[fill[d]] = i
-        fill[d] += 1
-    one = np.float32(1.0)
-    for d in numba.prange(distinct):
-        row = rows[d]
-        rejected[d] = 0
-        if row < 0:
-            continue
-        g = np.zeros(dim, dtype=np.float32)
-        for k in range(starts[d], starts[d + 1]):
-            src = order[k]
+    head, nxt = _occurrence_lists(inverse, distinct)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    flat_weights, flat_s1, flat_grads = weights.reshape(-1), s1.reshape(-1), grads.reshape(-1)
+    for c in numba.prange(chunks):
+        g = np.empty(dim, dtype=np.float32)  # one scratch row per chunk, not per row
+        stop = (c + 1) * distinct // chunks
+        for d in range(c * distinct // chunks, stop):
+            if d + _AHEAD < stop:  # the rows a few iterations on: their loads overlap this one's work
+                ahead = rows[d + _AHEAD]
+                if ahead >= 0:
+                    _prefetch_row(flat_weights, ahead * dim, dim)
+                    if optimizer != 0:
+                        _prefetch_row(flat_s1, ahead * dim, dim)
+                    _prefetch_row(flat_grads, head[d + _AHEAD] * dim, dim)
+            row = rows[d]
+            rejected[d] = 0
+            if row < 0:
+                continue
+            i = head[d]
             for j in range(dim):
-                g[j] += grads[src, j]
-        total = np.float32(0.0)
-        for j in range(dim):
-            total += g[j]
-        if not np.isfinite(total):
-            rejected[d] = 1
-            continue
-        if optimizer == 0:
+                g[j] = zero + grads[i, j]  # 0 + x, as a sum from zero gives (-0.0 becomes +0.0)
+            i = nxt[i]
+            while i >= 0:
+                for j in range(dim):
+                    g[j] += grads[i, j]
+                i = nxt[i]
+            total = zero
             for j in range(dim):
-                weights[row, j] -= lr * g[j]
-        elif optimizer == 1:
-            for j in range(dim):
-                acc = s1[row, j] + g[j] * g[j]
-                s1[row, j] = acc
-                weights[row, j] -= lr * (g[j] / (np.sqrt(acc) + eps))
-        else:
-            step = s3[row, 0] + one
-            s3[row, 0] = step
-            bias1 = one - beta1**step
-            bias2 = one - beta2**step
-            for j in range(dim):
-                m = s1[row, j] * beta1 + (one - beta1) * g[j]
-                v = s2[row, j] * beta2 + (one - beta2) * g[j] * g[j]
-                s1[row, j] = m
-                s2[row, j] = v
-                weights[row, j] -= lr * ((m / bias1) / (np.sqrt(v / bias2) + eps))
+                total += g[j]
+            if not np.isfinite(total):
+                rejected[d] = 1
+                continue
+            if optimizer == 0:
+                for j in range(dim):
+                    weights[row, j] -= lr * g[j]
+            elif optimizer == 1:
+                for j in range(dim):
+                    acc = s1[row, j] + g[j] * g[j]
+                    s1[row, j] = acc
+                    weights[row, j] -= lr * (g[j] / (np.sqrt(acc) + eps))
+            else:
+                step = s3[row, 0] + one
+                s3[row, 0] = step
+                bias1 = one - beta1**step
+                bias2 = one - beta2**step
+                for j in range(dim):
+                    m = s1[row, j] * beta1 + (one - beta1) * g[j]
+                    v = s2[row, j] * beta2 + (one - beta2) * g[j] * g[j]
+                    s1[row, j] = m
+                    s2[row, j] = v
+                    weights[row, j] -= lr * ((m / bias1) / (np.sqrt(v / bias2) + eps))
 
 
 def apply_gradients(optimizer: str, weights: torch.Tensor, state: dict[str, torch.Tensor], rows: torch.Tensor,
@@ -254,6 +391,121 @@ def apply_gradients(optimizer: str, weights: torch.Tensor, state: dict[str, torc
     rejected = np.empty(rows.numel(), dtype=np.uint8)
     _apply(weights.numpy(), *arrays, rows.contiguous().numpy(), inverse.contiguous().numpy(),
            grads.float().contiguous().numpy(), OPTIMIZER_CODES[optimizer], np.float32(lr), np.float32(eps),
-           np.float32(beta1), np.float32(beta2), rejected)
+           np.float32(beta1), np.float32(beta2), rejected, numba.get_num_threads())
     return torch.from_numpy(rejected.view(np.bool_))
 
+
+
+@numba.njit(cache=True, parallel=True)
+def _gather(weights: np.ndarray, rows: np.ndarray, out: np.ndarray, chunks: int) -> None:
+    n, dim = rows.shape[0], weights.shape[1]
+    flat = weights.reshape(-1)
+    zero = np.float32(0.0)
+    for c in numba.prange(chunks):
+        stop = (c + 1) * n // chunks
+        for i in range(c * n // chunks, stop):
+            if i + _AHEAD < stop and rows[i + _AHEAD] >= 0:
+                _prefetch_row(flat, rows[i + _AHEAD] * dim, dim)
+            row = rows[i]
+            if row < 0:
+                for j in range(dim):
+                    out[i, j] = zero
+            else:
+                for j in range(dim):
+                    out[i, j] = weights[row, j]
+
+
+def gather(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """weights[rows] with zeros where the row is -1, in one parallel pass that prefetches the
+    rows ahead (float32 weights; an index_select cannot overlap the misses of a large table)."""
+    out = torch.empty(rows.numel(), weights.shape[1], dtype=weights.dtype)
+    _gather(weights.numpy(), rows.contiguous().numpy(), out.numpy(), numba.get_num_threads())
+    return out
+
+
+@numba.njit(cache=True, parallel=True)
+def _normal_inputs(keys: np.ndarray, seed: np.int64, radius: np.ndarray, angle: np.ndarray) -> None:
+    for i in numba.prange(keys.shape[0]):
+        low, high = _key_seed(keys[i], seed)
+        for p in range(radius.shape[1]):
+            radius[i, p] = _uniform(low, high, 2 * p) + _UNIT
+            angle[i, p] = _uniform(low, high, 2 * p + 1) * _TWO_PI
+
+
+@numba.njit(cache=True, parallel=True)
+def _write_normal(weights: np.ndarray, rows: np.ndarray, radius: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                  scale: np.float32) -> None:
+    dim = weights.shape[1]
+    for i in numba.prange(rows.shape[0]):
+        row = rows[i]
+        for p in range(radius.shape[1]):
+            r = radius[i, p] * scale
+            weights[row, 2 * p] = cos[i, p] * r
+            if 2 * p + 1 < dim:
+                weights[row, 2 * p + 1] = sin[i, p] * r
+
+
+@numba.njit(cache=True, parallel=True)
+def _write_uniform(weights: np.ndarray, rows: np.ndarray, keys: np.ndarray, seed: np.int64, width: np.float32,
+                   half: np.float32) -> None:
+    for i in numba.prange(rows.shape[0]):
+        low, high = _key_seed(keys[i], seed)
+        row = rows[i]
+        for j in range(weights.shape[1]):
+            weights[row, j] = _uniform(low, high, j) * width - half
+
+
+def write_normal_rows(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, seed: int, scale: float) -> None:
+    """weights[rows] = the initializer's normal rows of `keys`, bit for bit (`initial_rows`).
+
+    The integer hashing, the float32 adds and multiplies and the writes into the rows are
+    compiled; log, sqrt, cos and sin stay torch's own (vectorised, and not the C library's:
+    their last bits differ), each one pass over a contiguous (n, dim / 2) buffer."""
+    pairs = (weights.shape[1] + 1) // 2
+    radius = torch.empty(keys.numel(), pairs, dtype=torch.float32)
+    angle = torch.empty(keys.numel(), pairs, dtype=torch.float32)
+    _normal_inputs(keys.numpy(), np.int64(seed), radius.numpy(), angle.numpy())
+    radius.log_().mul_(-2.0).sqrt_()
+    cos = torch.cos(angle)
+    _write_normal(weights.numpy(), rows.numpy(), radius.numpy(), cos.numpy(), angle.sin_().numpy(),
+                  np.float32(scale))
+
+
+def write_uniform_rows(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, seed: int, scale: float) -> None:
+    """weights[rows] = the initializer's uniform rows of `keys` (u * 2 scale - scale), bit for bit."""
+    _write_uniform(weights.numpy(), rows.numpy(), keys.numpy(), np.int64(seed), np.float32(2.0 * scale),
+                   np.float32(scale))
+
+
+@numba.njit(cache=True, parallel=True)
+def _new_row_metadata(rows: np.ndarray, index: np.ndarray, distinct_rows: np.ndarray, s1: np.ndarray, v1: np.float32,
+                      s2: np.ndarray, v2: np.float32, s3: np.ndarray, v3: np.float32, columns: int,
+                      last_update: np.ndarray, now: np.int32, counts: np.ndarray) -> None:
+    for i in numba.prange(rows.shape[0]):
+        row = rows[i]
+        distinct_rows[index[i]] = row
+        last_update[row] = now
+        counts[row] = 0
+        if columns > 0:
+            for j in range(s1.shape[1]):
+                s1[row, j] = v1
+        if columns > 1:
+            for j in range(s2.shape[1]):
+                s2[row, j] = v2
+        if columns > 2:
+            for j in range(s3.shape[1]):
+                s3[row, j] = v3
+
+
+def new_row_metadata(rows: torch.Tensor, index: torch.Tensor, distinct_rows: torch.Tensor,
+                     state: list[tuple[torch.Tensor, float]], last_update: torch.Tensor, now_offset: int,
+                     counts: torch.Tensor) -> None:
+    """For each new row: its optimizer state columns at their initial values, last update now,
+    count 0; and distinct_rows[index] = rows (the lookup's distinct keys get their new rows)."""
+    if len(state) > 3:
+        raise ValueError(f"at most 3 optimizer state columns, got {len(state)}")
+    empty = (np.zeros((1, 1), dtype=np.float32), 0.0)
+    arrays = [(tensor.numpy(), value) for tensor, value in state] + [empty] * (3 - len(state))
+    _new_row_metadata(rows.numpy(), index.numpy(), distinct_rows.numpy(),
+                      *(item for array, value in arrays for item in (array, np.float32(value))), len(state),
+                      last_update.numpy(), np.int32(now_offset), counts.numpy())
