@@ -26,7 +26,7 @@ import weakref
 import numpy as np
 import torch
 
-RESERVE_MIN_BYTES = 16 << 20
+RESERVE_MIN_BYTES = 1 << 20
 RESERVE_FACTOR = 16
 _MAP_NORESERVE = 0x4000  # Linux; the mmap module does not export it on every Python version
 # data_ptr -> the mapping reserved there; an entry whose mapping was unmapped is dead (and any

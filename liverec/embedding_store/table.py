@@ -117,11 +117,13 @@ class TableDelta:
 @dataclass(frozen=True)
 class _Dedup:
     """The last train lookup's rows and how they came from its distinct keys:
-    rows == distinct_rows[inverse], distinct_rows unique except for -1 (unadmitted keys)."""
+    rows == distinct_rows[inverse], distinct_rows unique except for -1 (unadmitted keys);
+    on the CPU also each distinct key's occurrence lists (`cpu_step.Dedup`)."""
 
     rows: torch.Tensor
     distinct_rows: torch.Tensor
     inverse: torch.Tensor
+    lists: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Table:
@@ -185,12 +187,13 @@ class Table:
             raise ValueError("a train lookup needs now_s, the batch's event time in seconds")
         check_keys(keys, self.device)
         _check_time(now_s)
+        lists = None
         if self.device.type == "cpu":
-            distinct, inverse, occurrences, distinct_rows = cpu_step.dedup_find(self.index.slots, self.index.row_keys,
-                                                                                keys)
-            self._admit_compiled(distinct, occurrences, distinct_rows, int(now_s))
-            self.counters["filtered"] += cpu_step.touch(self.counts, self.last_update, distinct_rows, occurrences,
-                                                        int(now_s) - TIME_BASE_S, COUNT_CAP)
+            dedup, distinct_rows = cpu_step.dedup_find(self.index.slots, self.index.row_keys, keys)
+            inverse, lists = dedup.inverse, (dedup.head, dedup.nxt)
+            self._admit_compiled(dedup.distinct, dedup.occurrences, distinct_rows, int(now_s))
+            self.counters["filtered"] += cpu_step.touch(self.counts, self.last_update, distinct_rows,
+                                                        dedup.occurrences, int(now_s) - TIME_BASE_S, COUNT_CAP)
             if self.logs:
                 self._changed(distinct_rows[distinct_rows >= 0])
         else:
@@ -203,7 +206,7 @@ class Table:
             self._touch(distinct_rows, occurrences, int(now_s))
         self._pins.append(distinct_rows)
         rows = distinct_rows.index_select(0, inverse)
-        self._dedup = _Dedup(rows, distinct_rows, inverse)
+        self._dedup = _Dedup(rows, distinct_rows, inverse, lists)
         return rows
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
@@ -311,14 +314,15 @@ class Table:
         self._pins.clear()
         dedup = self._dedup if self._dedup is not None and self._dedup.rows is rows else None
         self._dedup = None
+        lists = None
         if dedup is None:
             distinct_rows, inverse = torch.unique(rows, return_inverse=True)
         elif self.device.type == "cpu":
-            distinct_rows, inverse = dedup.distinct_rows, dedup.inverse
+            distinct_rows, inverse, lists = dedup.distinct_rows, dedup.inverse, dedup.lists
         else:
             distinct_rows, inverse = _sorted(dedup.distinct_rows, dedup.inverse)
         if self.device.type == "cpu" and self.weights.dtype == torch.float32:
-            return self._apply_compiled(distinct_rows, inverse, grads)
+            return self._apply_compiled(distinct_rows, inverse, grads, lists)
         summed = torch.zeros(distinct_rows.numel(), self.config.dim, dtype=torch.float32, device=self.device)
         summed.scatter_add_(0, inverse.unsqueeze(1).expand(-1, self.config.dim), grads.float())
         present = distinct_rows >= 0
@@ -332,10 +336,11 @@ class Table:
         self._changed(distinct_rows)
         return rejected
 
-    def _apply_compiled(self, distinct_rows: torch.Tensor, inverse: torch.Tensor, grads: torch.Tensor) -> int:
+    def _apply_compiled(self, distinct_rows: torch.Tensor, inverse: torch.Tensor, grads: torch.Tensor,
+                        lists: tuple[torch.Tensor, torch.Tensor] | None) -> int:
         c = self.config
         rejected_rows = cpu_step.apply_gradients(c.optimizer, self.weights, self.state, distinct_rows, inverse, grads,
-                                                 lr=c.lr, eps=c.eps, beta1=c.beta1, beta2=c.beta2)
+                                                 lr=c.lr, eps=c.eps, beta1=c.beta1, beta2=c.beta2, lists=lists)
         rejected = int(rejected_rows.sum())
         self.counters["rejected_gradients"] += rejected
         if self.logs:

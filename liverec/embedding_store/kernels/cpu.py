@@ -19,9 +19,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, SLOT_DTYPE, TOMBSTONE_KEY, TOMBSTONE_SLOT
 
+# Loops over keys prefetch the slot (or row) of the key this many iterations ahead.
+_AHEAD = 8
 # Below this batch size a parallel launch (~0.1 ms of thread wake-up) costs more than the loop.
 PARALLEL_MIN = 16384
 _EMPTY = np.int64(EMPTY_KEY)
@@ -36,6 +42,22 @@ _S27 = np.uint64(27)
 _S31 = np.uint64(31)
 _S32 = np.uint64(32)
 _ONE = np.uint64(1)
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):  # noqa: ANN001, ANN202 (numba's intrinsic protocol)
+    """Hint the cache to fetch array[index] (a 1-D C-contiguous array) for reading: llvm.prefetch."""
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0")
+        address = builder.bitcast(builder.gep(data, [args[1]]), byte_pointer)
+        builder.call(function, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
 
 
 @numba.njit(cache=True, inline="always")
@@ -143,6 +165,8 @@ def _insert(slots: np.ndarray, row_keys: np.ndarray, keys: np.ndarray, rows: np.
     cap = np.uint64(slots.shape[0])
     lost = 0
     for i in range(keys.shape[0]):
+        if i + _AHEAD < keys.shape[0]:  # a serial loop: let the next keys' home slots load meanwhile
+            _prefetch(slots, _home(keys[i + _AHEAD], cap))
         if not _insert_one(slots, row_keys, keys[i], rows[i], cap):
             lost += 1
     return lost
