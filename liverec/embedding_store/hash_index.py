@@ -218,10 +218,13 @@ class HashIndex:
         capacity = self._kernels.capacity_at_least(capacity)
         if self._live > self.max_load * capacity:
             raise ValueError(f"{self._live} keys do not fit {capacity} slots at max_load {self.max_load}")
-        rows = self.slots[self.slots >= 0].long()
-        keys = self.row_keys.index_select(0, rows)
+        old = self.slots
         self._alloc_slots(capacity)
-        self._kernels.insert(self.slots, self.row_keys, keys, rows)
+        if self.device.type == "cpu":  # one compiled pass, same slots as the insert below
+            self._kernels.reinsert(old, self.row_keys, self.slots)
+        else:
+            rows = old[old >= 0].long()
+            self._kernels.insert(self.slots, self.row_keys, self.row_keys.index_select(0, rows), rows)
         self._tombstones = 0
 
     def _reserve(self, incoming: int) -> None:

@@ -172,6 +172,40 @@ def _insert(slots: np.ndarray, row_keys: np.ndarray, keys: np.ndarray, rows: np.
     return lost
 
 
+@numba.njit(cache=True)
+def _reinsert(old_slots: np.ndarray, row_keys: np.ndarray, slots: np.ndarray) -> np.int64:
+    """Insert every row of `old_slots` into the empty `slots`, in old slot order; returns how many
+    found no free slot. The rows keep their keys (row_keys is only read)."""
+    cap = np.uint64(slots.shape[0])
+    lost = 0
+    n = old_slots.shape[0]
+    for s in range(n):
+        if s + _AHEAD < n and old_slots[s + _AHEAD] >= 0:
+            _prefetch(row_keys, np.int64(old_slots[s + _AHEAD]))
+        row = old_slots[s]
+        if row < 0:
+            continue
+        slot = _home(row_keys[row], cap)
+        for _ in range(slots.shape[0]):
+            if slots[slot] < 0:
+                slots[slot] = row
+                break
+            slot = _next(slot, cap)
+        else:
+            lost += 1
+    return lost
+
+
+def reinsert(old_slots: torch.Tensor, row_keys: torch.Tensor, slots: torch.Tensor) -> None:
+    """Move every row of the index `old_slots` into `slots` (empty, large enough): a rehash in
+    one pass, without materialising the keys and rows or rewriting row_keys. Old slot order
+    is nearly home order in any new capacity (scaled homes), so the writes walk the new slots
+    almost sequentially."""
+    lost = _reinsert(_inplace(old_slots, SLOT_DTYPE), _inplace(row_keys, torch.int64), _inplace(slots, SLOT_DTYPE))
+    if lost:
+        raise RuntimeError(f"hash index full: {lost} rows found no free slot")
+
+
 def capacity_at_least(slots: int) -> int:
     """Slot count for at least `slots`: any size works here (see `_home`), so exactly that."""
     return max(int(slots), 1)

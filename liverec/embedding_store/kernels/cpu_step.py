@@ -150,11 +150,13 @@ def _cell(h: np.uint64, r: int, width: int) -> np.int64:
 
 @numba.njit(cache=True, inline="always")
 def _sketch_add(counters: np.ndarray, h: np.uint64, add: np.int64, width: int, depth: int, bits: int,
-                per_byte_log2: int) -> None:
-    """Raise the key's `depth` cells (hashed to h) by `add`, saturating at 2**bits - 1."""
+                per_byte_log2: int) -> np.int64:
+    """Raise the key's `depth` cells (hashed to h) by `add`, saturating at 2**bits - 1; returns
+    the smallest raised cell (the key's estimate at this point: later adds only raise it)."""
     cap = (1 << bits) - 1
     low = (1 << per_byte_log2) - 1
     add = min(add, cap)
+    least = np.int64(cap)
     for r in range(depth):
         cell = _cell(h, r, width)
         byte, shift = cell >> per_byte_log2, (cell & low) * bits
@@ -162,6 +164,8 @@ def _sketch_add(counters: np.ndarray, h: np.uint64, add: np.int64, width: int, d
         value = (packed >> shift) & cap
         raised = min(value + add, cap)
         counters[byte] = np.uint8(packed + ((raised - value) << shift))
+        least = min(least, raised)
+    return least
 
 
 @numba.njit(cache=True, inline="always")
@@ -209,15 +213,23 @@ def _candidates(distinct: np.ndarray, occurrences: np.ndarray, rows: np.ndarray,
         hashes = np.empty(count, dtype=np.uint64)
         for k in range(count):
             hashes[k] = _splitmix64(np.uint64(distinct[missed[k]] ^ seed))
+        recheck = np.empty(count, dtype=np.int64)  # keys below min_count after their own add
+        pending = 0
         for k in range(count):
             if k + _AHEAD < count:
                 _prefetch_cells(counters, hashes[k + _AHEAD], width, depth, per_byte_log2)
             d = missed[k]
             added += occurrences[d]
-            _sketch_add(counters, hashes[k], occurrences[d], width, depth, bits, per_byte_log2)
-        for k in range(count):
-            if k + _AHEAD < count:
-                _prefetch_cells(counters, hashes[k + _AHEAD], width, depth, per_byte_log2)
+            if _sketch_add(counters, hashes[k], occurrences[d], width, depth, bits, per_byte_log2) >= min_count:
+                eligible[chosen] = d  # cells only grow: the final estimate is at least this
+                chosen += 1
+            else:
+                recheck[pending] = k
+                pending += 1
+        for p in range(pending):  # the rest, once every key is counted (a batch's colliding keys add up)
+            if p + _AHEAD < pending:
+                _prefetch_cells(counters, hashes[recheck[p + _AHEAD]], width, depth, per_byte_log2)
+            k = recheck[p]
             if _sketch_estimate(counters, hashes[k], width, depth, bits, per_byte_log2) >= min_count:
                 eligible[chosen] = missed[k]
                 chosen += 1
