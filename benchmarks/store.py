@@ -20,9 +20,14 @@ design.) Measured:
   the backward pass) + expiry every 10 batches, over the whole stream from an empty table;
 - train, index side: the same without gather and update (MCH: profile + remap + evict), which is
   where the systems differ and what MCH's own train figure measures;
-- the embedding side alone: gather + deduplicate + the shared Adagrad step on each batch's rows,
-  what every system's full train step contains. MCH's full train time over this is the most
-  any system's train ratio against MCH could be, with an index side that cost nothing;
+- the embedding side alone: gather + torch.unique + the shared Adagrad step on each batch's rows,
+  what the baselines' full train step contains besides their index side (the store
+  deduplicates in its lookup, by hash, and hands the step its occurrence lists instead). MCH's
+  full train time over this bounds the ratio against MCH of any system with that embedding
+  side, even with an index side that cost nothing;
+- CPU time per batch of each full train pass (all threads of the process): on a shared 2-core
+  box the wall-clock ratio moves with how many cores the other processes leave free, and the
+  ratio of CPU times says what the work itself costs;
 - bytes per row beyond weights and optimizer state (liverec), split into per-row metadata (key,
   last update, count), the hash index (slots; no free list is held) and the admission sketch
   (counters packed to 2 bits at min_count 2), per live row and per allocated row (the rows the
@@ -243,13 +248,15 @@ class DictSystem:
 # --------------------------------------------------------------------------- measurements
 
 
-def time_train(system: Any, stream: list[torch.Tensor], grads: torch.Tensor | None) -> float:
-    """M keys/s of the train path over the whole stream, from an empty table; grads None times
-    the index side only (admit, insert, lookup, touch, expiry: no gather, no update)."""
-    start = time.perf_counter()
+def time_train(system: Any, stream: list[torch.Tensor], grads: torch.Tensor | None) -> tuple[float, float]:
+    """(M keys/s, CPU ms per batch) of the train path over the whole stream, from an empty
+    table; grads None times the index side only (admit, insert, lookup, touch, expiry: no
+    gather, no update). CPU time is the process's, all threads."""
+    cpu_start, start = time.process_time(), time.perf_counter()
     for now, keys in enumerate(stream, start=1):
         system.train_step(keys, grads, now)
-    return sum(k.numel() for k in stream) / (time.perf_counter() - start) / 1e6
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return sum(k.numel() for k in stream) / wall / 1e6, cpu / len(stream) * 1e3
 
 
 def time_embedding_side(stream: list[torch.Tensor], grads: torch.Tensor, rows: int) -> float:
@@ -331,11 +338,12 @@ def run(plan: Plan, quick: bool, log: Any) -> dict[str, Any]:
     for factory in factories:
         index_only = factory()
         print(f"train (index side): {index_only.name} ...", file=log)
-        throughput[index_only.name] = {"train_index": time_train(index_only, stream, None)}
+        throughput[index_only.name] = {"train_index": time_train(index_only, stream, None)[0]}
     systems = [factory() for factory in factories]
+    train_cpu_ms: dict[str, float] = {}
     for system in systems:
         print(f"train: {system.name} ...", file=log)
-        throughput[system.name]["train"] = time_train(system, stream, grads)
+        throughput[system.name]["train"], train_cpu_ms[system.name] = time_train(system, stream, grads)
     print("embedding side alone ...", file=log)
     embedding_side = time_embedding_side(stream, grads, distinct + 1)
     eval_batches = existing_key_batches(systems, stream, count=min(12, plan.batches))
@@ -374,10 +382,12 @@ def run(plan: Plan, quick: bool, log: Any) -> dict[str, Any]:
                    "zipf_exponent": plan.exponent, "universe": plan.universe, "dim": DIM},
         "throughput_mkeys_s": throughput,
         "embedding_side_alone_mkeys_s": embedding_side,
+        "train_cpu_ms_per_batch": train_cpu_ms,
         "ratios": {
             "eval_index_vs_mch": ours["index"] / mch["index"], "eval_embed_vs_mch": ours["embed"] / mch["embed"],
             "train_vs_mch": ours["train"] / mch["train"], "train_index_vs_mch": ours["train_index"] / mch["train_index"],
             "train_vs_mch_ceiling": embedding_side / mch["train"],
+            "train_cpu_vs_mch": train_cpu_ms["torchrec_mch"] / train_cpu_ms["liverec"],
             "eval_index_vs_dict": ours["index"] / baseline["index"], "train_vs_dict": ours["train"] / baseline["train"],
         },
         "bytes_per_row": {
@@ -414,9 +424,12 @@ def table(result: dict[str, Any]) -> str:
         f"{'liverec / dict':<14}{r['eval_index_vs_dict']:>11.1f}x{'':>12}{'':>13}{r['train_vs_dict']:>11.1f}x",
         "train index = admit + insert + lookup + touch + expiry (MCH: profile + remap + evict);",
         "train full = that + embedding gather + sparse Adagrad step (the same compiled update for all three)",
-        f"embedding side alone (gather + dedup + Adagrad, in every train full): "
+        "train full, CPU ms per batch (all threads): " + ", ".join(
+            f"{name} {ms:.1f}" for name, ms in result["train_cpu_ms_per_batch"].items())
+        + f"  -> liverec / MCH {r['train_cpu_vs_mch']:.1f}x in CPU time",
+        f"embedding side alone (gather + torch.unique + Adagrad, in the baselines' train full): "
         f"{result['embedding_side_alone_mkeys_s']:.2f} M keys/s -> at most {r['train_vs_mch_ceiling']:.1f}x MCH's "
-        f"train full, for any index side",
+        f"train full for a system with that embedding side, whatever its index side",
         "",
         *(
             f"bytes/row beyond weights+optimizer, {label} ({b[key]['rows']:,}): key {b[key]['key']:.1f} + last update "

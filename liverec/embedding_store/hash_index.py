@@ -29,8 +29,9 @@ does not report it), so a rehash can come a little early but never late: a probe
 an EMPTY slot. Shrinking: when erases leave live keys below `SHRINK_LOAD` of max_load, the
 index rehashes down to the same refill load, so an emptied table gives its slots back.
 `row_keys` grows by a 32nd (`grown_metadata_rows`), the policy of all the table's per-row
-metadata: those columns are 16 bytes a row, so small steps are cheap to copy and leave at most a
-32nd of them unused (the weights grow by half, `grown_rows`).
+metadata: those columns are 16 bytes a row, so small steps are cheap to copy (and free on the
+CPU, where large columns grow in place: storage.py) and leave at most a 32nd of them unused
+(the weights grow by half, `grown_rows`).
 """
 
 from __future__ import annotations

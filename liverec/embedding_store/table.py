@@ -10,7 +10,8 @@ Bytes per row beyond weights and optimizer state (what `stats()` reports, by com
   4), count (int32, saturating at 2**30, 4); plus 1 per active change log (dirty flags). These
   columns grow by a 32nd (`grown_metadata_rows`), so they hold at most ~1/32 more rows
   than the high-water mark; the weights and optimizer state grow by half (`grown_rows`: fewer
-  copies of the big rows), and `row_capacity` counts those;
+  copies of the big rows on CUDA), and `row_capacity` counts those. On the CPU the columns
+  from 1 MB on grow in place, in reserved address space, without copies (storage.py);
 - index, 4 per slot: int32 row ids at load <= max_load (default 0.75), so 4 / load per key
   (5.3 to 6.7 on the CPU, where the index grows by a quarter; up to 10.7 on CUDA's powers of
   two); the free rows are derived from the keys, not stored;

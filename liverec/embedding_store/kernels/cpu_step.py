@@ -6,18 +6,28 @@ and the optimizer's gathers, arithmetic and scatters: each materialises a batch-
 temporary, and on a 2-core CPU those passes, not arithmetic, are the cost. Here:
 
 - `dedup_find`: one hash-based deduplication of the batch (distinct keys in first-occurrence
-  order, the inverse map, occurrences) and the probe of each distinct key, in one call.
-  Nothing downstream depends on the distinct keys' order: new keys are sorted before they get
-  rows (the allocation order of the contract), and per-key work is a sum.
-- `sketch_add_estimate`: the count-min update of the missed keys and their estimates, with the
+  order, the inverse map, occurrences, and each distinct key's occurrences as a linked list)
+  and the probe of each distinct key, in one call. Nothing downstream depends on the distinct
+  keys' order: new keys are sorted before they get rows (the allocation order of the
+  contract), and per-key work is a sum.
+- `admission_candidates`: the count-min update of the missed keys and their estimates, with the
   same cells and the same saturating sums as `CountMinSketch.add_and_estimate` (all increments
-  first, then the estimates, so colliding keys of one batch see each other's counts).
+  first, then the estimates, so colliding keys of one batch see each other's counts), and the
+  keys that reached min_count, sorted by a radix sort; `sketch_add_estimate` is the update
+  alone, for the sketch's own callers.
+- `write_normal_rows` / `write_uniform_rows` and `new_row_metadata`: new rows' initial weights
+  (the initializer's values, bit for bit), optimizer state, last update and count, written in
+  place; `uniforms` is the initializer's counter-based uniforms.
 - `touch`: count and time-stamp the hit rows.
-- `uniforms`: the counter-based uniforms new rows are initialised from (initializer.py).
+- `gather`: the forward's weights per key, zeros for keys without a row.
 - `apply_gradients`: per distinct row, sum its occurrences' gradients (in occurrence order, so
   the result is deterministic), reject a non-finite sum, and apply sgd / adagrad / adam to the
   row and its state, rows in parallel (distinct rows never share memory). Float32 weights only;
   the table falls back to the torch ops otherwise.
+
+The row-walking kernels (gather, the gradient step) prefetch the rows a few iterations ahead:
+on a table of a few hundred MB each row is a cache miss, and their loop bodies are too long for
+the CPU to reach the next rows' loads by itself (a third off the gradient step's CPU time).
 
 The arithmetic is the torch path's, in float32, so CPU results match the CUDA (torch) path to
 float rounding, which is what the CPU/CUDA test allows for weights and optimizer state; the
