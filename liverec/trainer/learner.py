@@ -185,7 +185,7 @@ class OnlineLearner:
     def __init__(self, model_config: ModelConfig, items: ItemTable, history: HistoryStore, *,
                  negatives: int, dense_lr: float, seed: int, history_loss: bool = False,
                  full_softmax_items: int = 0, replay_users: int = 0, serving_ema: float = 0.0,
-                 device: torch.device | str = "cpu") -> None:
+                 dense_warmup_steps: int = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         torch.manual_seed(seed)
         self.model = SequentialRecommender(model_config).to(self.device)
@@ -196,6 +196,8 @@ class OnlineLearner:
         self.serving_model = copy.deepcopy(self.model).eval()
         self.lock = threading.RLock()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=dense_lr, fused=True)
+        self.dense_lr = dense_lr
+        self.dense_warmup_steps = dense_warmup_steps
         self.items = items
         self.history = history
         self.negatives = negatives
@@ -218,7 +220,7 @@ class OnlineLearner:
         return cls(config.model, items, history, negatives=tc.negatives, dense_lr=tc.dense_lr,
                    seed=tc.seed if seed is None else seed, history_loss=tc.history_loss,
                    full_softmax_items=tc.full_softmax_items, replay_users=tc.replay_users,
-                   serving_ema=tc.serving_ema, device=device)
+                   serving_ema=tc.serving_ema, dense_warmup_steps=tc.dense_warmup_steps, device=device)
 
     # -- prequential ---------------------------------------------------------------------------
 
@@ -289,12 +291,23 @@ class OnlineLearner:
         losses = self.model(batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.current_dense_lr()
         self.optimizer.step()
         clock.lap("forward_backward")
         with self.lock:
             self.items.step(now_s)
         clock.lap("store")
         return float(losses.total.detach())
+
+    def current_dense_lr(self) -> float:
+        """The dense Adam's learning rate for the next step: ramped linearly over the first
+        `dense_warmup_steps` micro-batches of a fresh model (see TrainerConfig.dense_warmup_steps).
+        It follows `version`, which a checkpoint restores, so a restarted worker neither warms up
+        again nor leaves a replay's learning rates to chance."""
+        if self.version >= self.dense_warmup_steps:
+            return self.dense_lr
+        return self.dense_lr * min(1.0, (self.version + 1) / self.dense_warmup_steps)
 
     def _known_users(self) -> np.ndarray:
         """Sorted ids of every user with a stored history (read once from the store, e.g. after a

@@ -11,6 +11,7 @@ import torch
 from liverec.embedding_store.config import TableConfig
 from liverec.embedding_store.store import EmbeddingStore
 from liverec.model.config import EncoderConfig, ModelConfig
+from liverec.platform.config import ConfigError, LiverecConfig, TrainerConfig
 from liverec.trainer.decode import EventBatch
 from liverec.trainer.history import HistoryStore
 from liverec.trainer.items import ITEM_TABLE, StoreItemTable
@@ -153,3 +154,46 @@ def test_prequential_test_sees_the_catalog_as_it_was_before_the_batch(tmp_path: 
     finally:
         h1.close()
         h2.close()
+
+
+def first_step_size(tmp_path: Path, name: str, warmup: int, version: int = 0) -> float:
+    """Largest change of a dense weight in one step. Adam's first step moves every weight with a
+    gradient by the learning rate (m/sqrt(v) = ±1), so this reads the rate the step used."""
+    history = HistoryStore(tmp_path / name, MAX_LEN)
+    try:
+        store = EmbeddingStore([TableConfig(name=ITEM_TABLE, dim=16, optimizer="adagrad", lr=0.05)], seed=0)
+        learner = OnlineLearner(MODEL, StoreItemTable(store), history, negatives=1, dense_lr=1e-2, seed=0,
+                                dense_warmup_steps=warmup)
+        learner.version = version  # as a restored checkpoint sets it
+        before = [p.detach().clone() for p in learner.model.parameters()]
+        learner.step(events(FIRST, 0))
+        return max(float((p.detach() - b).abs().max()) for p, b in zip(learner.model.parameters(), before))
+    finally:
+        history.close()
+
+
+def test_dense_warmup_ramps_the_learning_rate_from_a_fresh_model_only(tmp_path: Path) -> None:
+    assert first_step_size(tmp_path, "plain", warmup=0) == pytest.approx(1e-2, rel=1e-4)
+    assert first_step_size(tmp_path, "fresh", warmup=4) == pytest.approx(1e-2 / 4, rel=1e-4)
+    # A model restored past (or into) its warmup continues the ramp where its version says.
+    assert first_step_size(tmp_path, "restored", warmup=4, version=4) == pytest.approx(1e-2, rel=1e-4)
+    assert first_step_size(tmp_path, "midway", warmup=4, version=2) == pytest.approx(1e-2 * 3 / 4, rel=1e-4)
+
+
+def test_dense_warmup_reaches_the_configured_rate_and_stays(history: HistoryStore) -> None:
+    store = EmbeddingStore([TableConfig(name=ITEM_TABLE, dim=16, optimizer="adagrad", lr=0.05)], seed=0)
+    learner = OnlineLearner(MODEL, StoreItemTable(store), history, negatives=1, dense_lr=1e-3, seed=0,
+                            dense_warmup_steps=3)
+    used = []
+    for step in range(5):
+        learner.step(events(FIRST, 100 * step))
+        used.append(learner.optimizer.param_groups[0]["lr"])
+    assert used == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
+
+
+def test_trainer_config_passes_the_warmup_to_the_learner_and_rejects_a_negative_one(history: HistoryStore) -> None:
+    config = LiverecConfig(model=MODEL, trainer=TrainerConfig(dense_warmup_steps=7))
+    store = EmbeddingStore([TableConfig(name=ITEM_TABLE, dim=16, optimizer="adagrad", lr=0.05)], seed=0)
+    assert OnlineLearner.from_config(config, StoreItemTable(store), history).dense_warmup_steps == 7
+    with pytest.raises(ConfigError, match="trainer.dense_warmup_steps"):
+        TrainerConfig(dense_warmup_steps=-1)
