@@ -155,3 +155,24 @@ def test_radix_sort_orders_any_int64_keys() -> None:
         ordered, carried, _ = cpu_step._sorted_pairs(keys.copy(), values.copy(), np.int64(0))
         order = np.argsort(keys)
         assert np.array_equal(ordered, keys[order]) and np.array_equal(carried, values[order])
+
+
+def test_a_released_reservation_is_reused_and_the_pool_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    monkeypatch.setattr(storage, "RESERVE_MIN_BYTES", 4096)
+    monkeypatch.setattr(storage, "_POOL", [])
+    column = storage.grown(torch.arange(1000, dtype=torch.int64), 2000)
+    address = column.data_ptr()
+    view = column[10:20]
+    del column
+    gc.collect()
+    assert storage._POOL == [], "a view still holds the reservation"
+    del view
+    gc.collect()
+    reused = storage.grown(torch.zeros(600, dtype=torch.float32), 1200)
+    assert reused.data_ptr() == address and torch.equal(reused[:600], torch.zeros(600))
+    columns = [storage.grown(torch.zeros(1000, dtype=torch.int64), 2000) for _ in range(storage.POOL_SIZE + 3)]
+    del columns
+    gc.collect()
+    assert len(storage._POOL) == storage.POOL_SIZE
