@@ -7,8 +7,8 @@ not evaluated.
 
 Models, all trained on the training split only:
 - online: a fresh `OnlineLearner`, built as the worker builds it (`OnlineLearner.from_config`:
-  same store table, history length, loss, replay, learning rates), fed the training split once
-  in time order in micro-batches of `trainer.batch_events`: the "one streaming pass". Replay
+  same store table, history length, loss, replay, learning rates and warmup), fed the training
+  split once in time order in micro-batches of `trainer.batch_events`: the "one streaming pass". Replay
   (`trainer.replay_users`) trains on stored windows of users seen earlier in the pass, never on
   anything the stream has not delivered yet. Its prequential HR@10 / NDCG@10 (and popularity's,
   from the same pass) are reported too.
@@ -503,7 +503,8 @@ def evaluate(table: EventTable, config: LiverecConfig, options: Options = Option
                   "model": dataclasses.asdict(config.model),
                   "trainer": {k: getattr(config.trainer, k) for k in
                               ("batch_events", "negatives", "full_softmax_items", "history_loss", "replay_users",
-                               "serving_ema", "dense_lr", "item_lr", "min_count", "item_ttl_s")}},
+                               "serving_ema", "dense_lr", "dense_warmup_steps", "item_lr", "min_count",
+                               "item_ttl_s")}},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "online_events_per_s": round(len(split.train) / max(seconds["online_pass"], 1e-9), 1),
     }
