@@ -84,13 +84,17 @@ def _reserved(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.
 
 
 def _pooled(nbytes: int) -> mmap.mmap | None:
-    """The smallest pooled reservation of at least `nbytes`, taken out of the pool; None if none."""
-    fitting = [mapping for mapping in _POOL if len(mapping) >= nbytes]
-    if not fitting:
-        return None
-    mapping = min(fitting, key=len)
-    _POOL.remove(mapping)
-    return mapping
+    """The smallest pooled reservation of at least `nbytes`, taken out of the pool; None if none.
+
+    A finaliser run by the garbage collector (in this thread, during an allocation, or in
+    another) may change the pool meanwhile: a mapping already gone from it is skipped."""
+    for mapping in sorted((mapping for mapping in list(_POOL) if len(mapping) >= nbytes), key=len):
+        try:
+            _POOL.remove(mapping)
+        except ValueError:
+            continue
+        return mapping
+    return None
 
 
 def _release(mapping: mmap.mmap) -> None:
