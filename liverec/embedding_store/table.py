@@ -214,7 +214,8 @@ class Table:
         """Weights of `rows`; zeros where the row is -1 (an unadmitted key).
 
         The weight tensor keeps one always-zero row past the last real row, so this is a single
-        gather with -1 redirected there, not a gather followed by a masking pass."""
+        gather with -1 redirected there, not a gather followed by a masking pass. On the CPU
+        (float32) a compiled gather writes the zeros itself and prefetches the rows ahead."""
         if self.device.type == "cpu" and self.weights.dtype == torch.float32:
             return cpu_step.gather(self.weights, rows)
         zero_row = self.row_capacity
