@@ -147,12 +147,12 @@ class TrainerConfig:
       scores use these served weights too: they rank what a replica would have answered.
     - `dense_warmup_steps`: the dense learning rate ramps linearly from `dense_lr / N` to
       `dense_lr` over the first N micro-batches of a fresh model (a restored one continues where
-      its checkpoint was). The first batches of a stream come from a handful of users, and full
-      Adam steps on them send a randomly initialised encoder somewhere that depends on its seed:
-      on ml-100k (online pass, full-catalog NDCG@10, seeds 0-4) 50 steps left the mean where it
-      was (0.1029 vs 0.1031) and narrowed the spread over seeds (standard deviation 0.0020 vs
-      0.0049; with the H200's CUDA kernels, 0.0031 vs 0.0058 around means of 0.0991 vs 0.0993).
-      There, 20 steps lowered the mean (0.0972) and 100 or 200 kept a wide spread (0.0043, 0.0065).
+      its checkpoint was), the usual guard against full Adam steps on a randomly initialised
+      transformer fed the first batches of a stream, which come from a handful of users. On
+      ml-100k (online pass, full-catalog NDCG@10) 50 steps are neutral on quality: seeds 0-9 give
+      a mean of 0.1000 (sd 0.0054) against 0.0995 (sd 0.0066) without; seeds 0-4 alone had
+      suggested a narrower spread (sd 0.0020 vs 0.0049) that seeds 5-9 did not repeat. 20 steps
+      lowered the mean (CUDA, seeds 0-4: 0.0972 vs 0.0993); 100 and 200 were no better.
     """
 
     group_id: str = "liverec-trainer"
@@ -220,7 +220,11 @@ class StateConfig:
 
     codec: str = "int8"
     params: dict[str, Any] = field(default_factory=dict)
-    reencode_per_batch: int = 32
+    # 8, not 32: re-encodes share the trainer's receive thread (and the state topic) with the
+    # events whose freshness they delay. H200 host, ml-100k, bench freshness p50/p99: 68/331 ms at
+    # 8, 112-138/365-463 ms at 32, 75/392 ms at 0. At ~3 micro-batches a second, 8 re-encode
+    # ml-100k's 943 users' states in ~40 s (32: ~10 s); active users are re-encoded on arrival.
+    reencode_per_batch: int = 8
     append_max_versions_behind: int = 0
     codec_generations_kept: int = 16
 
