@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from liverec.platform.broker import free_port
 from liverec.platform.datasets import load_dataset
@@ -53,6 +54,11 @@ def test_served_state_includes_a_new_event_after_the_trainer_learns_it(config, c
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = recommender_pb2_grpc.RecommenderStub(channel)
         user = int(load_dataset(str(ml100k)).table.user_id[0])  # in the replayed events, by construction
+        # A replica answers from its first complete version on, and reports SERVING only once
+        # caught up (ready_max_lag 0): from then on it holds the trainer's last version.
+        health = health_pb2_grpc.HealthStub(channel)
+        wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                   == health_pb2.HealthCheckResponse.SERVING)
         first = wait_until(lambda: (r := recommend(stub, user)) and not r.cold_start and r)
         assert len(first.items) == 10
         assert first.model_version == worker.learner.version
