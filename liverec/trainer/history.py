@@ -94,9 +94,13 @@ class HistoryStore:
         if not staged:
             return history
         extra = np.array(staged, dtype=np.int64).reshape(-1, 3)
-        return History(np.concatenate((history.item, extra[:, 0]))[-self.max_events:],
-                       np.concatenate((history.time_ms, extra[:, 1]))[-self.max_events:],
-                       np.concatenate((history.action, extra[:, 2].astype(np.int8)))[-self.max_events:])
+        return self._extended(history, extra[:, 0], extra[:, 1], extra[:, 2])
+
+    def _extended(self, history: History, item: np.ndarray, time_ms: np.ndarray, action: np.ndarray) -> History:
+        """`history` followed by these events, cut to the newest `max_events`."""
+        return History(np.concatenate((history.item, item))[-self.max_events:],
+                       np.concatenate((history.time_ms, time_ms))[-self.max_events:],
+                       np.concatenate((history.action, action.astype(np.int8)))[-self.max_events:])
 
     def stage(self, user_ids: np.ndarray, item: np.ndarray, time_ms: np.ndarray, action: np.ndarray) -> None:
         """Hold events (arrival order) until `append` writes them; readers with `staged=True` see them now."""
@@ -122,10 +126,8 @@ class HistoryStore:
             batch = WriteBatch(raw_mode=True)
             for user, start, end, old in zip(users.tolist(), starts.tolist(), ends.tolist(), current):
                 idx = order[start:end]
-                new_item = np.concatenate((old.item, item[idx]))[-self.max_events:]
-                new_time = np.concatenate((old.time_ms, time_ms[idx]))[-self.max_events:]
-                new_action = np.concatenate((old.action, action[idx]))[-self.max_events:]
-                batch.put(user_key(user), _encode(new_item, new_time, new_action))
+                new = self._extended(old, item[idx], time_ms[idx], action[idx])
+                batch.put(user_key(user), _encode(new.item, new.time_ms, new.action))
             self._db.write(batch)
             for user, start, end in zip(users.tolist(), starts.tolist(), ends.tolist()):
                 queue = self._staged.get(user)

@@ -384,11 +384,9 @@ class TrainerWorker:
     def _receive(self, records: list[Any]) -> None:
         """Decode, dead-letter the bad; admit the good ones' items, stage them in the history and
         refresh their users' states at once. The records then wait for the learner."""
-        start = received = time.perf_counter()
+        received = time.perf_counter()
         batch, rejected = decode_records(records)
-        seconds = time.perf_counter() - start
-        self._add_seconds("decode", seconds)
-        self.metrics.batch_seconds.labels(stage="decode").observe(seconds)
+        self._record_stage("decode", time.perf_counter() - received)
         self._dead_letter(rejected)
         # The item table counts events on receipt, but a checkpoint must hold exactly the learned
         # ones: while one is due, new events are admitted by the learner instead, when learned.
@@ -402,9 +400,9 @@ class TrainerWorker:
                 self.learner.admit(batch)
             self.history.stage(batch.user_id, batch.item_id, batch.event_time_ms, batch.action)
             self._last_event_time_ms = max(self._last_event_time_ms, int(batch.event_time_ms.max()))
-            start = time.perf_counter()
+            refresh_start = time.perf_counter()
             self._refresh_received(batch)
-            self._add_seconds("state_refresh", time.perf_counter() - start)
+            self._add_seconds("state_refresh", time.perf_counter() - refresh_start)
         if not self._waiting:
             self._first_waiting = time.monotonic()
         self._waiting.append(Received(records, batch, admitted))
@@ -464,8 +462,7 @@ class TrainerWorker:
             if not math.isnan(result.loss):
                 m.loss.set(result.loss)
             for stage, seconds in result.seconds.items():
-                self._add_seconds(stage, seconds)
-                m.batch_seconds.labels(stage=stage).observe(seconds)
+                self._record_stage(stage, seconds)
             refresh_start = time.perf_counter()
             self._refresh_learned(batch)
             self._add_seconds("state_refresh", time.perf_counter() - refresh_start)
@@ -485,6 +482,11 @@ class TrainerWorker:
 
     def _add_seconds(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+    def _record_stage(self, stage: str, seconds: float) -> None:
+        """A stage's time, into the benchmark's totals and the per-stage Prometheus histogram."""
+        self._add_seconds(stage, seconds)
+        self.metrics.batch_seconds.labels(stage=stage).observe(seconds)
 
     def publish(self) -> None:
         """Send the parameters changed since the last publish to serving (see publish.py); a

@@ -24,9 +24,12 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from liverec.embedding_store import hashing
 from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, SLOT_DTYPE, TOMBSTONE_KEY, TOMBSTONE_SLOT
 
-# Loops over keys prefetch the slot (or row) of the key this many iterations ahead.
+# Loops over keys prefetch the slot (or row) of the key this many iterations ahead; the
+# row-walking kernels of cpu_step the rows (a row of a large table is a cache and TLB miss, and a
+# loop body that works on a whole row is too long for the CPU to reach the next row's loads).
 _AHEAD = 8
 # Below this batch size a parallel launch (~0.1 ms of thread wake-up) costs more than the loop.
 PARALLEL_MIN = 16384
@@ -34,9 +37,9 @@ _EMPTY = np.int64(EMPTY_KEY)
 _TOMBSTONE = np.int64(TOMBSTONE_KEY)
 _EMPTY_SLOT = np.int32(EMPTY_SLOT)
 _TOMBSTONE_SLOT = np.int32(TOMBSTONE_SLOT)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(hashing._GOLDEN)
+_MIX1 = np.uint64(hashing._MIX1)
+_MIX2 = np.uint64(hashing._MIX2)
 _S30 = np.uint64(30)
 _S27 = np.uint64(27)
 _S31 = np.uint64(31)
@@ -61,14 +64,20 @@ def _prefetch(typingctx, array, index):  # noqa: ANN001, ANN202 (numba's intrins
 
 
 @numba.njit(cache=True, inline="always")
+def _splitmix64(x: np.uint64) -> np.uint64:
+    """splitmix64's finaliser (hashing.splitmix64, compiled): the slot and sketch hashes."""
+    z = x + _GOLDEN
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+@numba.njit(cache=True, inline="always")
 def _home(key: np.int64, cap: np.uint64) -> np.int64:
     """The key's home slot among `cap`: splitmix64(key) & (cap - 1) for a power of two (the
     layout the CUDA kernels share), else the high 32 hash bits scaled to [0, cap) (a multiply,
     not a division). All arithmetic stays in uint64."""
-    z = np.uint64(key) + _GOLDEN
-    z = (z ^ (z >> _S30)) * _MIX1
-    z = (z ^ (z >> _S27)) * _MIX2
-    z = z ^ (z >> _S31)
+    z = _splitmix64(np.uint64(key))
     if cap & (cap - _ONE) == 0:
         return np.int64(z & (cap - _ONE))
     return np.int64(((z >> _S32) * cap) >> _S32)

@@ -42,12 +42,8 @@ import numba
 import numpy as np
 import torch
 
-from liverec.embedding_store.kernels.cpu import _find_one, _home, _next, _prefetch
+from liverec.embedding_store.kernels.cpu import _AHEAD, _find_one, _home, _next, _prefetch, _splitmix64
 
-# Rows are prefetched this many iterations ahead in the row-walking kernels: a row of a large
-# table is a cache (and TLB) miss, and a loop body that works on a whole row is too long for
-# the CPU to reach the next row's loads on its own.
-_AHEAD = 8
 _CACHE_LINE_FLOATS = 16
 
 
@@ -56,18 +52,8 @@ def _prefetch_row(flat: np.ndarray, start: np.int64, length: int) -> None:
     for k in range(0, length, _CACHE_LINE_FLOATS):
         _prefetch(flat, start + k)
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+
 OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "adam": 2}
-
-
-@numba.njit(cache=True, inline="always")
-def _splitmix64(x: np.uint64) -> np.uint64:
-    z = x + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
 
 
 @numba.njit(cache=True)
