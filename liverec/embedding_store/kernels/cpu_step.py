@@ -367,6 +367,28 @@ def touch(counts: torch.Tensor, last_update: torch.Tensor, rows: torch.Tensor, o
                       cap))
 
 
+# The row-walking kernels deal the distinct rows to the threads in blocks of this many, round
+# robin: the first-seen keys of a batch are its frequent ones (more gradients to sum), and
+# contiguous halves would leave one thread with most of them.
+_DEAL_BLOCK = 256
+
+
+@numba.njit(cache=True, inline="always")
+def _dealt(n: int, chunk: int, chunks: int) -> int:
+    """How many of n items chunk `chunk` of `chunks` gets when blocks are dealt round robin."""
+    blocks = (n + _DEAL_BLOCK - 1) // _DEAL_BLOCK
+    mine = 0
+    for b in range(chunk, blocks, chunks):
+        mine += min(_DEAL_BLOCK, n - b * _DEAL_BLOCK)
+    return mine
+
+
+@numba.njit(cache=True, inline="always")
+def _dealt_index(m: int, chunk: int, chunks: int) -> int:
+    """The item that is chunk `chunk`'s m-th under that dealing."""
+    return ((m // _DEAL_BLOCK) * chunks + chunk) * _DEAL_BLOCK + m % _DEAL_BLOCK
+
+
 @numba.njit(cache=True)
 def _occurrence_lists(inverse: np.ndarray, distinct: int) -> tuple[np.ndarray, np.ndarray]:
     """Each distinct index's occurrences as a linked list in ascending order: head[d] is the
@@ -391,15 +413,17 @@ def _apply(weights: np.ndarray, s1: np.ndarray, s2: np.ndarray, s3: np.ndarray, 
     flat_weights, flat_s1, flat_grads = weights.reshape(-1), s1.reshape(-1), grads.reshape(-1)
     for c in numba.prange(chunks):
         g = np.empty(dim, dtype=np.float32)  # one scratch row per chunk, not per row
-        stop = (c + 1) * distinct // chunks
-        for d in range(c * distinct // chunks, stop):
-            if d + _AHEAD < stop:  # the rows a few iterations on: their loads overlap this one's work
-                ahead = rows[d + _AHEAD]
+        mine = _dealt(distinct, c, chunks)
+        for m in range(mine):
+            if m + _AHEAD < mine:  # the rows a few iterations on: their loads overlap this one's work
+                ahead_d = _dealt_index(m + _AHEAD, c, chunks)
+                ahead = rows[ahead_d]
                 if ahead >= 0:
                     _prefetch_row(flat_weights, ahead * dim, dim)
                     if optimizer != 0:
                         _prefetch_row(flat_s1, ahead * dim, dim)
-                    _prefetch_row(flat_grads, head[d + _AHEAD] * dim, dim)
+                    _prefetch_row(flat_grads, head[ahead_d] * dim, dim)
+            d = _dealt_index(m, c, chunks)
             row = rows[d]
             rejected[d] = 0
             if row < 0:
