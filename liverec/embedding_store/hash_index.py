@@ -40,7 +40,14 @@ import math
 
 import torch
 
-from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, SLOT_DTYPE, TOMBSTONE_KEY, kernels_for
+from liverec.embedding_store.kernels import (
+    EMPTY_KEY,
+    EMPTY_SLOT,
+    SLOT_DTYPE,
+    TOMBSTONE_KEY,
+    kernels_for,
+    reserved_keys_error,
+)
 from liverec.embedding_store.storage import grown
 
 
@@ -61,6 +68,15 @@ def grown_metadata_rows(current: int, needed: int) -> int:
 
 def check_keys(keys: torch.Tensor, device: torch.device) -> None:
     """Refuse anything but a 1-D int64 tensor of valid feature ids on `device`."""
+    check_key_tensor(keys, device)
+    if keys.numel() and int(keys.min()) <= TOMBSTONE_KEY:
+        raise reserved_keys_error()
+
+
+def check_key_tensor(keys: torch.Tensor, device: torch.device) -> None:
+    """`check_keys` but for the reserved sentinels, for a caller whose compiled pass over the
+    keys refuses those itself (a separate `min` is one more pass, and on the CPU one more
+    wake-up of the thread pool)."""
     if not isinstance(keys, torch.Tensor):
         raise TypeError(f"keys must be a torch.Tensor of int64, got {type(keys).__name__}")
     if keys.dtype != torch.int64:
@@ -69,10 +85,6 @@ def check_keys(keys: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"keys are on {keys.device}, the index is on {device}")
     if keys.dim() != 1:
         raise ValueError(f"keys must be 1-D, got shape {tuple(keys.shape)}")
-    if keys.numel() and int(keys.min()) <= TOMBSTONE_KEY:
-        raise ValueError(
-            f"keys {EMPTY_KEY} and {TOMBSTONE_KEY} are reserved sentinels, not feature ids"
-        )
 
 
 # A rehash for growth leaves the load at this fraction of max_load; erases that leave live keys

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from liverec.embedding_store import optimizers
 from liverec.embedding_store.admission import CountMinSketch
 from liverec.embedding_store.config import TableConfig
 from liverec.embedding_store.dirty import ChangeLog
-from liverec.embedding_store.hash_index import HashIndex, check_keys, grown_rows
+from liverec.embedding_store.hash_index import HashIndex, check_key_tensor, check_keys, grown_rows
 from liverec.embedding_store.hashing import derive_seed
 from liverec.embedding_store.initializer import write_initial_rows
 from liverec.embedding_store.kernels import EMPTY_KEY, cpu_step
@@ -186,18 +187,19 @@ class Table:
             return self.index.find(keys)
         if now_s is None:
             raise ValueError("a train lookup needs now_s, the batch's event time in seconds")
-        check_keys(keys, self.device)
         _check_time(now_s)
         lists = None
         if self.device.type == "cpu":
-            dedup, distinct_rows = cpu_step.dedup_find(self.index.slots, self.index.row_keys, keys)
+            check_key_tensor(keys, self.device)  # the reserved keys: dedup_find's own pass
+            dedup, distinct_rows = cpu_step.dedup_find(self.index.slots, self.index.row_keys, keys, self.counts,
+                                                       self.last_update, int(now_s) - TIME_BASE_S, COUNT_CAP)
             inverse, lists = dedup.inverse, (dedup.head, dedup.nxt)
-            self._admit_compiled(dedup.distinct, dedup.occurrences, distinct_rows, int(now_s))
-            self.counters["filtered"] += cpu_step.touch(self.counts, self.last_update, distinct_rows,
-                                                        dedup.occurrences, int(now_s) - TIME_BASE_S, COUNT_CAP)
+            self.counters["filtered"] += self._admit_compiled(dedup.distinct, dedup.occurrences, distinct_rows,
+                                                              int(now_s))
             if self.logs:
                 self._changed(distinct_rows[distinct_rows >= 0])
         else:
+            check_keys(keys, self.device)
             distinct, inverse, occurrences = torch.unique(keys, return_inverse=True, return_counts=True)
             distinct_rows = self.index.find(distinct)
             missing = distinct_rows < 0
@@ -206,7 +208,7 @@ class Table:
                 self.counters["filtered"] += int(occurrences[distinct_rows < 0].sum())
             self._touch(distinct_rows, occurrences, int(now_s))
         self._pins.append(distinct_rows)
-        rows = distinct_rows.index_select(0, inverse)
+        rows = _take(distinct_rows, inverse)
         self._dedup = _Dedup(rows, distinct_rows, inverse, lists)
         return rows
 
@@ -260,25 +262,29 @@ class Table:
         row_of_missed[eligible] = new_rows
         rows[missing] = row_of_missed
 
-    def _admit_compiled(self, distinct: torch.Tensor, occurrences: torch.Tensor, rows: torch.Tensor, now_s: int) -> None:
-        """`_admit` on the CPU: counting, choosing and sorting the candidates in one compiled
-        pass over the distinct keys, and the new rows' weights, state and metadata written in
-        place by compiled kernels (the same values, without mask, sort and fill passes)."""
+    def _admit_compiled(self, distinct: torch.Tensor, occurrences: torch.Tensor, rows: torch.Tensor, now_s: int) -> int:
+        """`_admit` and `_touch` of the new rows on the CPU (`dedup_find` touched the rows it
+        found): counting, choosing and sorting the candidates in one compiled pass over the
+        distinct keys, and the new rows' weights, state and metadata written in place by
+        compiled kernels (the same values, without mask, sort and fill passes). Returns the
+        occurrences of the keys left without a row."""
         sketch = None if self.sketch is None else self.sketch.kernel_arguments()
-        keys, index, added = cpu_step.admission_candidates(distinct, occurrences, rows, sketch, self.config.min_count)
+        keys, index, missed = cpu_step.admission_candidates(distinct, occurrences, rows, sketch, self.config.min_count)
         if self.sketch is not None:
-            self.sketch.total += added
+            self.sketch.total += missed
         admitted = self._make_room(keys.numel(), in_use=rows) if keys.numel() else 0
         if admitted == 0:
-            return
+            return missed
         keys, index = keys[:admitted], index[:admitted]
         new_rows = self.index.insert_missed(keys)  # missed by this step's find, sorted, unique
         self._ensure_row_capacity(self.index.high_water)
         write_initial_rows(self.config, self.init_seed, keys, self.weights, new_rows)
         state = [(tensor, optimizers.initial_value(self.config, name)) for name, tensor in self.state.items()]
-        cpu_step.new_row_metadata(new_rows, index, rows, state, self.last_update, now_s - TIME_BASE_S, self.counts)
+        missed -= cpu_step.new_row_metadata(new_rows, index, rows, occurrences, state, self.last_update,
+                                            now_s - TIME_BASE_S, self.counts, COUNT_CAP)
         self._changed(new_rows)
         self.counters["admitted"] += admitted
+        return missed
 
     def _init_rows(self, keys: torch.Tensor, rows: torch.Tensor, now_s: int) -> None:
         write_initial_rows(self.config, self.init_seed, keys, self.weights, rows)
@@ -290,7 +296,8 @@ class Table:
 
     def _touch(self, rows: torch.Tensor, occurrences: torch.Tensor, now_s: int) -> None:
         """Count (saturating) and time-stamp unique `rows` (-1: none, skipped), seen `occurrences`
-        times each (the CPU does this in `cpu_step.touch`)."""
+        times each (the CPU does this in its compiled passes: `cpu_step.dedup_find` for the rows
+        found, `cpu_step.new_row_metadata` for the new ones)."""
         present = rows >= 0
         rows, occurrences = rows[present], occurrences[present]
         if rows.numel() == 0:
@@ -343,7 +350,7 @@ class Table:
         c = self.config
         rejected_rows = cpu_step.apply_gradients(c.optimizer, self.weights, self.state, distinct_rows, inverse, grads,
                                                  lr=c.lr, eps=c.eps, beta1=c.beta1, beta2=c.beta2, lists=lists)
-        rejected = int(rejected_rows.sum())
+        rejected = int(rejected_rows.numpy().sum())  # numpy's sum: no wake-up of torch's threads
         self.counters["rejected_gradients"] += rejected
         if self.logs:
             self._changed(distinct_rows[(distinct_rows >= 0) & ~rejected_rows])
@@ -531,3 +538,12 @@ def _sorted(distinct_rows: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.T
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=order.device)
     return distinct_rows.index_select(0, order), rank.index_select(0, inverse)
+
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[index]. On the CPU by numpy, in the calling thread: a batch-sized index_select
+    runs on torch's thread pool, and waking it costs more than the gather (~80 us on this VM
+    with passive OpenMP waits, against ~40 us for 65,536 indices)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.take(values.numpy(), index.numpy()))
+    return values.index_select(0, index)

@@ -340,6 +340,18 @@ def test_bad_keys_are_refused_with_clear_errors() -> None:
     assert _live(store) == []
 
 
+@pytest.mark.parametrize("batch", [8, 40_000])  # below and above the compiled kernels' parallel cut-off
+def test_a_train_batch_holding_a_reserved_key_is_refused_before_it_touches_anything(batch: int) -> None:
+    store = _store(min_count=2)
+    _train(store, [1, 1, 2], now=3)
+    before = snapshot(store)
+    for reserved in (-(2**63), -(2**63) + 1):
+        keys = [1, 2, 3] * (batch // 3) + [reserved]
+        with pytest.raises(ValueError, match="reserved sentinels"):
+            store.lookup("t", _keys(keys), train=True, now_s=9)
+    assert_snapshots_equal(snapshot(store), before)
+
+
 def test_bad_gradients_are_refused_with_clear_errors() -> None:
     store = _store()
     rows = store.lookup("t", _keys([1, 2]), train=True, now_s=0)

@@ -10,7 +10,7 @@ import torch
 from liverec.embedding_store import EmbeddingStore, TableConfig, storage
 from liverec.embedding_store.admission import CountMinSketch
 from liverec.embedding_store.initializer import initial_rows, write_initial_rows
-from liverec.embedding_store.kernels import cpu_step
+from liverec.embedding_store.kernels import cpu, cpu_step
 
 from store_reference import assert_snapshots_equal, snapshot
 
@@ -65,7 +65,8 @@ def test_gradient_step_with_the_lookups_occurrence_lists_equals_the_step_from_in
     inverse map. Same bits either way, non-finite rows rejected and left as they were."""
     keys = torch.randint(0, 300, (4000,), generator=GENERATOR)
     slots, row_keys = torch.full((1024,), -1, dtype=torch.int32), torch.full((512,), -(2**63), dtype=torch.int64)
-    dedup, _ = cpu_step.dedup_find(slots, row_keys, keys)
+    counts, last = torch.zeros(512, dtype=torch.int32), torch.zeros(512, dtype=torch.int32)
+    dedup, _ = cpu_step.dedup_find(slots, row_keys, keys, counts, last, 0, 2**30)
     assert torch.equal(dedup.distinct[dedup.inverse], keys)
     rows = torch.randperm(500, generator=GENERATOR)[: dedup.distinct.numel()]
     rows[::7] = -1
@@ -94,11 +95,24 @@ def test_gather_reads_zeros_for_rows_of_minus_one() -> None:
     assert torch.equal(cpu_step.gather(weights, rows), expected)
 
 
-def test_touch_counts_time_stamps_and_returns_the_occurrences_without_a_row() -> None:
-    counts, last = torch.tensor([0, 2**30 - 1, 5], dtype=torch.int32), torch.tensor([9, 3, 11], dtype=torch.int32)
-    unrowed = cpu_step.touch(counts, last, torch.tensor([2, -1, 1, -1]), torch.tensor([3, 4, 5, 6]), 10, 2**30)
-    assert unrowed == 10
-    assert counts.tolist() == [0, 2**30, 8] and last.tolist() == [9, 10, 11]
+def test_rows_found_are_touched_and_new_rows_stamped_with_their_keys_occurrences() -> None:
+    """Counts saturate at the cap and last updates never move backwards; a key without a row
+    touches nothing until it gets one, and then its row counts all of its occurrences."""
+    slots, row_keys = torch.full((16,), -1, dtype=torch.int32), torch.full((4,), -(2**63), dtype=torch.int64)
+    cpu.insert(slots, row_keys, torch.tensor([20, 30]), torch.tensor([1, 2]))
+    counts, last = torch.tensor([0, 2**30 - 1, 5, 0], dtype=torch.int32), torch.tensor([9, 3, 11, 0], dtype=torch.int32)
+    keys = torch.tensor([30] * 3 + [99] * 4 + [20] * 5 + [77] * 6)
+    keys = keys[torch.randperm(keys.numel(), generator=GENERATOR)]
+    dedup, rows = cpu_step.dedup_find(slots, row_keys, keys, counts, last, 10, 2**30)
+    assert dict(zip(dedup.distinct.tolist(), rows.tolist())) == {30: 2, 99: -1, 20: 1, 77: -1}
+    assert counts.tolist() == [0, 2**30, 8, 0] and last.tolist() == [9, 10, 11, 0]
+    new = dedup.distinct.tolist().index(77)
+    accumulator = torch.zeros(4, 2)
+    stamped = cpu_step.new_row_metadata(torch.tensor([3]), torch.tensor([new]), rows, dedup.occurrences,
+                                        [(accumulator, 0.5)], last, 12, counts, 2**30)
+    assert stamped == 6 and rows[new] == 3
+    assert counts.tolist() == [0, 2**30, 8, 6] and last.tolist() == [9, 10, 11, 12]
+    assert accumulator[3].tolist() == [0.5, 0.5] and not accumulator[:3].any()
 
 
 def test_a_reserved_column_grows_in_place_and_moves_when_its_reservation_is_full(

@@ -50,6 +50,11 @@ TOMBSTONE_SLOT: int = -2
 SLOT_DTYPE = torch.int32
 
 
+def reserved_keys_error() -> ValueError:
+    """What a batch holding EMPTY_KEY or TOMBSTONE_KEY is refused with."""
+    return ValueError(f"keys {EMPTY_KEY} and {TOMBSTONE_KEY} are reserved sentinels, not feature ids")
+
+
 def kernels_for(device: torch.device | str) -> ModuleType:
     """The kernel module for tensors on `device`."""
     kind = torch.device(device).type

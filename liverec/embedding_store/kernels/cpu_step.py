@@ -7,7 +7,8 @@ temporary, and on a 2-core CPU those passes, not arithmetic, are the cost. Here:
 
 - `dedup_find`: one hash-based deduplication of the batch (distinct keys in first-occurrence
   order, the inverse map, occurrences, and each distinct key's occurrences as a linked list)
-  and the probe of each distinct key, in one call. Nothing downstream depends on the distinct
+  and the probe of each distinct key, in one call; a row found is touched (counted and
+  time-stamped) in the probe's own loop. Nothing downstream depends on the distinct
   keys' order: new keys are sorted before they get rows (the allocation order of the
   contract), and per-key work is a sum.
 - `admission_candidates`: the count-min update of the missed keys and their estimates, with the
@@ -18,7 +19,6 @@ temporary, and on a 2-core CPU those passes, not arithmetic, are the cost. Here:
 - `write_normal_rows` / `write_uniform_rows` and `new_row_metadata`: new rows' initial weights
   (the initializer's values, bit for bit), optimizer state, last update and count, written in
   place; `uniforms` is the initializer's counter-based uniforms.
-- `touch`: count and time-stamp the hit rows.
 - `gather`: the forward's weights per key, zeros for keys without a row.
 - `apply_gradients`: per distinct row, sum its occurrences' gradients (in occurrence order, so
   the result is deterministic), reject a non-finite sum, and apply sgd / adagrad / adam to the
@@ -42,6 +42,7 @@ import numba
 import numpy as np
 import torch
 
+from liverec.embedding_store.kernels import TOMBSTONE_KEY, reserved_keys_error
 from liverec.embedding_store.kernels.cpu import _AHEAD, _find_one, _home, _next, _prefetch, _splitmix64
 
 _CACHE_LINE_FLOATS = 16
@@ -58,11 +59,13 @@ OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "adam": 2}
 
 @numba.njit(cache=True)
 def _dedup(keys: np.ndarray, distinct: np.ndarray, inverse: np.ndarray, occurrences: np.ndarray, head: np.ndarray,
-           nxt: np.ndarray) -> int:
-    """Distinct keys in first-occurrence order; returns how many. A scratch open-addressing
-    table of at least twice the batch maps each key to its distinct index. Also each distinct
-    key's occurrences as a list (`_occurrence_lists`), which the gradient step walks."""
+           nxt: np.ndarray) -> tuple[int, np.int64]:
+    """Distinct keys in first-occurrence order; returns how many, and the smallest key (for the
+    caller's check of the reserved keys). A scratch open-addressing table of at least twice the
+    batch maps each key to its distinct index. Also each distinct key's occurrences as a list
+    (`_occurrence_lists`), which the gradient step walks."""
     n = keys.shape[0]
+    least = np.int64(np.iinfo(np.int64).max)
     tail = np.empty(n, dtype=np.int64)
     size = 1
     while size < 2 * n:
@@ -72,6 +75,7 @@ def _dedup(keys: np.ndarray, distinct: np.ndarray, inverse: np.ndarray, occurren
     count = 0
     for i in range(n):
         key = keys[i]
+        least = min(least, key)
         slot = _home(key, cap)
         while True:
             d = table[slot]
@@ -91,25 +95,39 @@ def _dedup(keys: np.ndarray, distinct: np.ndarray, inverse: np.ndarray, occurren
         occurrences[d] += 1
         tail[d] = i
         nxt[i] = -1
-    return count
+    return count, least
 
 
 @numba.njit(cache=True, parallel=True)
-def _find_all(slots: np.ndarray, row_keys: np.ndarray, keys: np.ndarray, out: np.ndarray, chunks: int) -> None:
-    """`find` of each key, prefetching in two stages: the home slot of the key 2 * _AHEAD on,
-    then the row its slot names for the key _AHEAD on (a probe is two dependent misses)."""
-    cap = np.uint64(slots.shape[0])
+def _find_touch(slots: np.ndarray, row_keys: np.ndarray, keys: np.ndarray, occurrences: np.ndarray, out: np.ndarray,
+                counts: np.ndarray, last_update: np.ndarray, now: np.int32, cap: int, chunks: int) -> None:
+    """`find` of each (distinct) key, and `touch` of each row found, prefetching in two stages:
+    the home slot of the key 2 * _AHEAD on, then the row its slot names for the key _AHEAD on
+    (a probe is two dependent misses)."""
     n = keys.shape[0]
+    index_cap = np.uint64(slots.shape[0])
     for c in numba.prange(chunks):
         stop = (c + 1) * n // chunks
         for i in range(c * n // chunks, stop):
             if i + 2 * _AHEAD < stop:
-                _prefetch(slots, _home(keys[i + 2 * _AHEAD], cap))
+                _prefetch(slots, _home(keys[i + 2 * _AHEAD], index_cap))
             if i + _AHEAD < stop:
-                ahead = slots[_home(keys[i + _AHEAD], cap)]
+                ahead = slots[_home(keys[i + _AHEAD], index_cap)]
                 if ahead >= 0:
                     _prefetch(row_keys, np.int64(ahead))
-            out[i] = _find_one(slots, row_keys, keys[i], cap)
+            row = _find_one(slots, row_keys, keys[i], index_cap)
+            out[i] = row
+            if row >= 0:  # keys are distinct, so are their rows: no two iterations write one row
+                _touch_row(counts, last_update, row, occurrences[i], now, cap)
+
+
+@numba.njit(cache=True, inline="always")
+def _touch_row(counts: np.ndarray, last_update: np.ndarray, row: np.int64, occurrences: np.int64, now: np.int32,
+               cap: int) -> None:
+    """counts[row] += occurrences (saturating at cap); last_update[row] = max(it, now)."""
+    counts[row] = min(np.int64(counts[row]) + occurrences, cap)
+    if last_update[row] < now:
+        last_update[row] = now
 
 
 @dataclass(frozen=True)
@@ -124,15 +142,22 @@ class Dedup:
     nxt: torch.Tensor
 
 
-def dedup_find(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor) -> tuple[Dedup, torch.Tensor]:
-    """The batch deduplicated, and the row of each distinct key (-1: none)."""
+def dedup_find(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
+               last_update: torch.Tensor, now_offset: int, cap: int) -> tuple[Dedup, torch.Tensor]:
+    """The batch deduplicated, and the row of each distinct key (-1: none); each row found is
+    touched at once (`touch_row`: count and time stamp), in the parallel pass of the probe.
+    (The rows admitted later in the step are stamped as they are written: `new_row_metadata`.)
+    A batch holding a reserved key is refused before anything is touched."""
     n = keys.numel()
     distinct, inverse, occurrences, head, nxt = (torch.empty(n, dtype=torch.int64) for _ in range(5))
-    count = _dedup(keys.contiguous().numpy(), distinct.numpy(), inverse.numpy(), occurrences.numpy(), head.numpy(),
-                   nxt.numpy())
+    count, least = _dedup(keys.contiguous().numpy(), distinct.numpy(), inverse.numpy(), occurrences.numpy(),
+                          head.numpy(), nxt.numpy())
+    if least <= TOMBSTONE_KEY:
+        raise reserved_keys_error()
     dedup = Dedup(distinct[:count], inverse, occurrences[:count], head[:count], nxt)
     rows = torch.empty(count, dtype=torch.int64)
-    _find_all(slots.numpy(), row_keys.numpy(), dedup.distinct.numpy(), rows.numpy(), numba.get_num_threads())
+    _find_touch(slots.numpy(), row_keys.numpy(), dedup.distinct.numpy(), dedup.occurrences.numpy(), rows.numpy(),
+                counts.numpy(), last_update.numpy(), np.int32(now_offset), cap, numba.get_num_threads())
     return dedup, rows
 
 
@@ -198,11 +223,12 @@ def _candidates(distinct: np.ndarray, occurrences: np.ndarray, rows: np.ndarray,
                 counted: bool) -> tuple[np.ndarray, np.ndarray, np.int64]:
     missed = np.empty(distinct.shape[0], dtype=np.int64)
     count = 0
+    added = np.int64(0)
     for d in range(distinct.shape[0]):
         if rows[d] < 0:
             missed[count] = d
             count += 1
-    added = np.int64(0)
+            added += occurrences[d]
     eligible = np.empty(count, dtype=np.int64)
     chosen = 0
     if counted:
@@ -215,7 +241,6 @@ def _candidates(distinct: np.ndarray, occurrences: np.ndarray, rows: np.ndarray,
             if k + _AHEAD < count:
                 _prefetch_cells(counters, hashes[k + _AHEAD], width, depth, per_byte_log2)
             d = missed[k]
-            added += occurrences[d]
             if _sketch_add(counters, hashes[k], occurrences[d], width, depth, bits, per_byte_log2) >= min_count:
                 eligible[chosen] = d  # cells only grow: the final estimate is at least this
                 chosen += 1
@@ -276,7 +301,7 @@ def admission_candidates(distinct: torch.Tensor, occurrences: torch.Tensor, rows
                          sketch: tuple[torch.Tensor, int, int, int, int] | None, min_count: int
                          ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The missed distinct keys (rows[d] < 0) that may be admitted, ascending, with their
-    distinct indices, and the occurrences the sketch counted. With a sketch (counters, seed,
+    distinct indices, and the missed keys' occurrences (what a sketch counts). With a sketch (counters, seed,
     width, depth, bits) the missed keys are counted first, all of them, then those whose
     estimate reached min_count are the candidates (`sketch_add_estimate` on the missed keys);
     without one every missed key is."""
@@ -342,29 +367,6 @@ def uniforms(keys: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     out = torch.empty(keys.numel(), count, dtype=torch.float32)
     _uniforms(keys.contiguous().numpy(), np.int64(seed), out.numpy())
     return out
-
-
-@numba.njit(cache=True, parallel=True)
-def _touch(counts: np.ndarray, last_update: np.ndarray, rows: np.ndarray, occurrences: np.ndarray, now: np.int32,
-           cap: int) -> np.int64:
-    unrowed = np.int64(0)
-    for i in numba.prange(rows.shape[0]):  # rows are distinct: no two iterations write one row
-        row = rows[i]
-        if row >= 0:
-            counts[row] = min(np.int64(counts[row]) + occurrences[i], cap)
-            if last_update[row] < now:
-                last_update[row] = now
-        else:
-            unrowed += occurrences[i]
-    return unrowed
-
-
-def touch(counts: torch.Tensor, last_update: torch.Tensor, rows: torch.Tensor, occurrences: torch.Tensor,
-          now_offset: int, cap: int) -> int:
-    """counts[row] += occurrences (saturating at cap), last_update[row] = max(it, now), for the
-    distinct rows >= 0; returns the occurrences of the rows of -1 (keys without a row)."""
-    return int(_touch(counts.numpy(), last_update.numpy(), rows.numpy(), occurrences.numpy(), np.int32(now_offset),
-                      cap))
 
 
 # The row-walking kernels deal the distinct rows to the threads in blocks of this many, round
@@ -549,7 +551,8 @@ def write_normal_rows(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Ten
 
     The integer hashing, the float32 adds and multiplies and the writes into the rows are
     compiled; log, sqrt, cos and sin stay torch's own (vectorised, and not the C library's:
-    their last bits differ), each one pass over a contiguous (n, dim / 2) buffer."""
+    their last bits differ; torch's sqrt is not always numpy's either), each one pass over a
+    contiguous (n, dim / 2) buffer."""
     pairs = (weights.shape[1] + 1) // 2
     radius = torch.empty(keys.numel(), pairs, dtype=torch.float32)
     angle = torch.empty(keys.numel(), pairs, dtype=torch.float32)
@@ -567,14 +570,16 @@ def write_uniform_rows(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Te
 
 
 @numba.njit(cache=True, parallel=True)
-def _new_row_metadata(rows: np.ndarray, index: np.ndarray, distinct_rows: np.ndarray, s1: np.ndarray, v1: np.float32,
-                      s2: np.ndarray, v2: np.float32, s3: np.ndarray, v3: np.float32, columns: int,
-                      last_update: np.ndarray, now: np.int32, counts: np.ndarray) -> None:
+def _new_row_metadata(rows: np.ndarray, index: np.ndarray, distinct_rows: np.ndarray, occurrences: np.ndarray,
+                      s1: np.ndarray, v1: np.float32, s2: np.ndarray, v2: np.float32, s3: np.ndarray, v3: np.float32,
+                      columns: int, last_update: np.ndarray, now: np.int32, counts: np.ndarray, cap: int) -> np.int64:
+    stamped = np.int64(0)
     for i in numba.prange(rows.shape[0]):
-        row = rows[i]
+        row, seen = rows[i], occurrences[index[i]]
         distinct_rows[index[i]] = row
         last_update[row] = now
-        counts[row] = 0
+        counts[row] = min(seen, cap)
+        stamped += seen
         if columns > 0:
             for j in range(s1.shape[1]):
                 s1[row, j] = v1
@@ -584,17 +589,20 @@ def _new_row_metadata(rows: np.ndarray, index: np.ndarray, distinct_rows: np.nda
         if columns > 2:
             for j in range(s3.shape[1]):
                 s3[row, j] = v3
+    return stamped
 
 
-def new_row_metadata(rows: torch.Tensor, index: torch.Tensor, distinct_rows: torch.Tensor,
+def new_row_metadata(rows: torch.Tensor, index: torch.Tensor, distinct_rows: torch.Tensor, occurrences: torch.Tensor,
                      state: list[tuple[torch.Tensor, float]], last_update: torch.Tensor, now_offset: int,
-                     counts: torch.Tensor) -> None:
-    """For each new row: its optimizer state columns at their initial values, last update now,
-    count 0; and distinct_rows[index] = rows (the lookup's distinct keys get their new rows)."""
+                     counts: torch.Tensor, cap: int) -> int:
+    """For each new row (of distinct key index[i]): its optimizer state columns at their initial
+    values, and the row touched as `dedup_find` touches the rows it finds (count: its key's
+    occurrences, saturating at cap; last update: now); distinct_rows[index] = rows (the
+    lookup's distinct keys get their new rows). Returns the new rows' occurrences."""
     if len(state) > 3:
         raise ValueError(f"at most 3 optimizer state columns, got {len(state)}")
     empty = (np.zeros((1, 1), dtype=np.float32), 0.0)
     arrays = [(tensor.numpy(), value) for tensor, value in state] + [empty] * (3 - len(state))
-    _new_row_metadata(rows.numpy(), index.numpy(), distinct_rows.numpy(),
-                      *(item for array, value in arrays for item in (array, np.float32(value))), len(state),
-                      last_update.numpy(), np.int32(now_offset), counts.numpy())
+    return int(_new_row_metadata(rows.numpy(), index.numpy(), distinct_rows.numpy(), occurrences.numpy(),
+                                 *(item for array, value in arrays for item in (array, np.float32(value))), len(state),
+                                 last_update.numpy(), np.int32(now_offset), counts.numpy(), cap))
