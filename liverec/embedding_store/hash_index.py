@@ -18,7 +18,9 @@ free rows are therefore always exactly the rows below the high-water mark that h
 which is why a checkpoint only has to store (key, row) pairs and the high-water mark, why CPU and
 CUDA assign the same rows even though their slot positions may differ, and why the free list
 need not be stored: it is `row_keys[:high_water] == EMPTY_KEY`, computed (one scan) only by an
-insert that has free rows to reuse.
+insert that has free rows to reuse. The scan starts at a row below which every row holds a key
+(one integer: raised past the rows an insert takes, lowered to the lowest row an erase frees),
+and on the CPU stops once it has the rows it needs.
 
 Growth: before an insert, if live keys plus tombstones plus the new keys would pass `max_load`,
 the index rehashes to `REFILL_LOAD` of max_load (0.6 at the default 0.75), in the smallest
@@ -110,6 +112,7 @@ class HashIndex:
         self._live = 0
         self._tombstones = 0
         self._high_water = 0
+        self._free_from = 0  # every row below this holds a key: where a search for free rows starts
         self.row_keys = torch.full((max(rows, 0),), EMPTY_KEY, dtype=torch.int64, device=self.device)
         self._alloc_slots(self._kernels.capacity_at_least(capacity))
 
@@ -205,6 +208,8 @@ class HashIndex:
         unique_keys, inverse = torch.unique(keys, return_inverse=True)
         freed = self._kernels.erase(self.slots, self.row_keys, unique_keys)
         released = freed[freed >= 0]
+        if released.numel():
+            self._free_from = min(self._free_from, int(released.min()))
         self._live -= released.numel()
         self._tombstones += released.numel()
         if self._live < SHRINK_LOAD * self.max_load * self.capacity:
@@ -254,12 +259,19 @@ class HashIndex:
         """Rows below the high-water mark that hold no key, ascending (derived, not stored)."""
         if self._live == self._high_water:
             return torch.empty(0, dtype=torch.int64, device=self.device)
-        return torch.nonzero(self.row_keys[: self._high_water] == EMPTY_KEY).flatten()
+        start = self._free_from
+        return torch.nonzero(self.row_keys[start: self._high_water] == EMPTY_KEY).flatten() + start
 
     def _allocate(self, n: int) -> torch.Tensor:
-        """The n lowest free rows, then fresh rows from the high-water mark."""
-        reused = self._free_rows()[:n]
+        """The n lowest free rows, then fresh rows from the high-water mark. (On the CPU the
+        search for free rows starts at `_free_from` and stops when it has n: the rows below
+        the last one taken then hold keys too.)"""
+        if self.device.type == "cpu" and self._live < self._high_water:
+            reused = self._kernels.lowest_free_rows(self.row_keys, self._free_from, self._high_water, n)
+        else:
+            reused = self._free_rows()[:n]
         fresh = torch.arange(self._high_water, self._high_water + n - reused.numel(), device=self.device)
+        self._free_from = int(reused[-1]) + 1 if fresh.numel() == 0 else self._high_water + fresh.numel()
         self.reserve_rows(self._high_water + fresh.numel())
         self._took(n)
         return torch.cat([reused, fresh])

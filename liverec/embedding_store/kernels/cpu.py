@@ -273,6 +273,27 @@ def erase(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor) -> to
     return out
 
 
+@numba.njit(cache=True)
+def _lowest_free_rows(row_keys: np.ndarray, start: int, stop: int, out: np.ndarray) -> int:
+    found = 0
+    for row in range(start, stop):
+        if found == out.shape[0]:
+            break
+        if row_keys[row] == _EMPTY:
+            out[found] = row
+            found += 1
+    return found
+
+
+def lowest_free_rows(row_keys: torch.Tensor, start: int, stop: int, count: int) -> torch.Tensor:
+    """The `count` lowest rows in [start, stop) whose key is EMPTY (fewer if there are not as
+    many), ascending: one serial pass that stops when it has them, where a mask and a nonzero
+    over every row take two parallel passes over all of them."""
+    out = torch.empty(count, dtype=torch.int64)
+    found = _lowest_free_rows(_inplace(row_keys, torch.int64), start, stop, out.numpy())
+    return out[:found]
+
+
 def rows_for(count: int, free_rows: torch.Tensor, next_row: int) -> torch.Tensor:
     """Rows for `count` new keys: the free rows in order, then fresh rows from next_row."""
     take = free_rows[:count]
