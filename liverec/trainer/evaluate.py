@@ -503,7 +503,7 @@ def evaluate(table: EventTable, config: LiverecConfig, options: Options = Option
                   "model": dataclasses.asdict(config.model),
                   "trainer": {k: getattr(config.trainer, k) for k in
                               ("batch_events", "negatives", "full_softmax_items", "history_loss", "replay_users",
-                               "serving_ema", "dense_lr", "dense_warmup_steps", "item_lr", "min_count",
+                               "serving_ema", "dense_lr", "dense_warmup_steps", "item_optimizer", "item_lr", "min_count",
                                "item_ttl_s")}},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "online_events_per_s": round(len(split.train) / max(seconds["online_pass"], 1e-9), 1),

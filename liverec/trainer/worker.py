@@ -121,7 +121,7 @@ def build_online_codec(config: LiverecConfig) -> StateCodec:
 def item_table_config(config: LiverecConfig) -> TableConfig:
     tc = config.trainer
     return TableConfig(name=ITEM_TABLE, dim=config.model.encoder.dim, min_count=tc.min_count, ttl_s=tc.item_ttl_s,
-                       optimizer="adagrad", lr=tc.item_lr, initial_capacity=4096)
+                       optimizer=tc.item_optimizer, lr=tc.item_lr, initial_capacity=4096)
 
 
 class TrainerWorker:

@@ -16,6 +16,7 @@ from liverec.trainer.decode import EventBatch
 from liverec.trainer.history import HistoryStore
 from liverec.trainer.items import ITEM_TABLE, StoreItemTable
 from liverec.trainer.learner import OnlineLearner
+from liverec.trainer.worker import item_table_config
 
 MAX_LEN = 4
 MODEL = ModelConfig(encoder=EncoderConfig(dim=16, layers=1, heads=1, max_len=MAX_LEN, dropout=0.0))
@@ -197,3 +198,21 @@ def test_trainer_config_passes_the_warmup_to_the_learner_and_rejects_a_negative_
     assert OnlineLearner.from_config(config, StoreItemTable(store), history).dense_warmup_steps == 7
     with pytest.raises(ConfigError, match="trainer.dense_warmup_steps"):
         TrainerConfig(dense_warmup_steps=-1)
+
+
+@pytest.mark.parametrize("optimizer, lr, state", [("adam", 1e-3, "exp_avg_sq"), ("adagrad", 0.15, "accumulator")])
+def test_item_table_uses_the_configured_optimizer(history: HistoryStore, optimizer: str, lr: float, state: str) -> None:
+    config = LiverecConfig(model=MODEL, trainer=TrainerConfig(item_optimizer=optimizer, item_lr=lr))
+    store = EmbeddingStore([item_table_config(config)], seed=0)
+    table = store.table(ITEM_TABLE)
+    assert (table.config.optimizer, table.config.lr) == (optimizer, lr)
+    learner = OnlineLearner.from_config(config, StoreItemTable(store), history)
+    learner.step(events(FIRST, 0))
+    rows = store.lookup(ITEM_TABLE, torch.tensor([10, 11, 20]))
+    # The learned items' rows carry the optimizer's own state, and it has moved from its start.
+    assert bool((table.state[state][rows] != 0).any(dim=1).all())
+
+
+def test_trainer_config_rejects_an_unknown_item_optimizer() -> None:
+    with pytest.raises(ConfigError, match="trainer.item_optimizer"):
+        TrainerConfig(item_optimizer="lion")
