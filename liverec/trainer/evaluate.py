@@ -76,6 +76,8 @@ SAMPLED_NEGATIVES = 100
 QUALITY_NDCG = "NDCG@10"
 TARGET_ONLINE_VS_OFFLINE = 0.95
 TARGET_VS_POPULARITY = 2.0
+RATIO_TARGETS = {"online/offline": TARGET_ONLINE_VS_OFFLINE, "online/popularity": TARGET_VS_POPULARITY,
+                 "offline/popularity": TARGET_VS_POPULARITY}
 _USER_CHUNK = 256
 _COLUMNS = ("user_id", "item_id", "action", "value", "event_time_ms")
 
@@ -465,9 +467,11 @@ def ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def targets_met(r: dict[str, float]) -> dict[str, bool]:
-    return {"online/offline": r["online/offline"] >= TARGET_ONLINE_VS_OFFLINE,
-            "online/popularity": r["online/popularity"] >= TARGET_VS_POPULARITY,
-            "offline/popularity": r["offline/popularity"] >= TARGET_VS_POPULARITY}
+    return {name: r[name] >= target for name, target in RATIO_TARGETS.items()}
+
+
+def _ratio_text(name: str, value: float, met: bool, note: str = "") -> str:
+    return f"{name} {value:.3f} (target ≥ {RATIO_TARGETS[name]:g}: {'met' if met else 'missed'}{note})"
 
 
 def evaluate(table: EventTable, config: LiverecConfig, options: Options = Options()) -> dict[str, Any]:
@@ -556,9 +560,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines += ["", header, "-" * len(header)]
         for name, values in block["models"].items():
             lines.append(f"{protocol:<11} {name:<11}" + "".join(f"{values[m]:>9.4f}" for m in METRICS))
-        target = {"online/offline": TARGET_ONLINE_VS_OFFLINE}
-        parts = [f"{k} {v:.3f} (target ≥ {target.get(k, TARGET_VS_POPULARITY):g}: "
-                 f"{'met' if block['targets_met'][k] else 'missed'})" for k, v in block["ratios"].items()]
+        parts = [_ratio_text(k, v, block["targets_met"][k]) for k, v in block["ratios"].items()]
         lines.append(f"{QUALITY_NDCG} ratios: " + "; ".join(parts) + ("" if protocol == "full" else
                                                                        " [targets apply to full]"))
     p = report["prequential"]
@@ -579,10 +581,8 @@ def format_seeds_table(report: dict[str, Any]) -> str:
         for name, values in block["models"].items():
             lines.append(f"{protocol:<11} {name:<11}"
                          + "".join(f"{values[m]['mean']:>9.4f} ±{values[m]['sd']:.4f}" for m in METRICS))
-        target = {"online/offline": TARGET_ONLINE_VS_OFFLINE}
-        parts = [f"{k} {v:.3f} (target ≥ {target.get(k, TARGET_VS_POPULARITY):g}: "
-                 f"{'met' if block['targets_met'][k] else 'missed'}; met at "
-                 f"{block['seeds_meeting_target'][k]} of {len(seeds)} seeds)"
+        parts = [_ratio_text(k, v, block["targets_met"][k],
+                             f"; met at {block['seeds_meeting_target'][k]} of {len(seeds)} seeds")
                  for k, v in block["ratios_of_means"].items()]
         lines.append(f"{QUALITY_NDCG} ratios of the means: " + "; ".join(parts))
         lines.append("per seed online/offline: " + ", ".join(

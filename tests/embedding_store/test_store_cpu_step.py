@@ -166,7 +166,7 @@ def test_radix_sort_orders_any_int64_keys() -> None:
         keys = np.unique(keys)
         rng.shuffle(keys)
         values = np.arange(keys.shape[0], dtype=np.int64)
-        ordered, carried, _ = cpu_step._sorted_pairs(keys.copy(), values.copy(), np.int64(0))
+        ordered, carried = cpu_step._sorted_pairs(keys.copy(), values.copy())
         order = np.argsort(keys)
         assert np.array_equal(ordered, keys[order]) and np.array_equal(carried, values[order])
 
