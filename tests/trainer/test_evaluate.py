@@ -23,6 +23,7 @@ from liverec.trainer.evaluate import (
     MODELS,
     Catalog,
     Histories,
+    OfflineOptions,
     PopularityScorer,
     format_table,
     full_ranks,
@@ -35,6 +36,7 @@ from liverec.trainer.evaluate import (
     sample_negatives,
     sampled_ranks,
     summarize_seeds,
+    train_offline,
     training_windows,
 )
 
@@ -228,6 +230,27 @@ def random_ndcg10_full(split, catalog_size: int) -> float:
 
 def test_cli_rejects_an_offline_dropout_outside_0_1() -> None:
     assert main(["--dataset", "synthetic", "--offline-dropout", "1.0", "--quiet"], tiny_config()) == 2
+
+
+def test_cli_rejects_a_bad_offline_item_optimizer_or_lr() -> None:
+    assert main(["--dataset", "synthetic", "--offline-item-lr", "0", "--quiet"], tiny_config()) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["--dataset", "synthetic", "--offline-item-optimizer", "lion", "--quiet"], tiny_config())
+    assert exc.value.code == 2
+    with pytest.raises(ValueError, match="offline item optimizer"):
+        OfflineOptions(item_optimizer="lion")
+
+
+@pytest.mark.parametrize("optimizer, lr", [("adagrad", 0.1), ("sgd", 0.05)])
+def test_the_offline_twin_trains_its_item_table_with_its_own_optimizer(optimizer: str, lr: float) -> None:
+    """The online learner's item optimizer (Adam here) is not the offline twin's."""
+    t = synthetic(SyntheticConfig(num_users=30, num_items=40, num_events=600, num_clusters=3, seed=2))
+    base = tiny_config()
+    config = dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, item_optimizer="adam", item_lr=2e-3))
+    scorer = train_offline(t, config, seed=0, options=OfflineOptions(epochs=1, item_optimizer=optimizer, item_lr=lr))
+    (table,) = scorer.store.configs
+    assert (table.optimizer, table.lr) == (optimizer, lr)
+    assert table.dim == config.model.encoder.dim
 
 
 def test_end_to_end_on_a_small_synthetic_stream(tmp_path: Path) -> None:
