@@ -7,7 +7,7 @@ Setup (issue 3): a table of 2^27 slots filled to load 0.5 and 0.75 (67M and 101M
 64-bit keys), batches of 1M keys, rows of dim 64 (for the find + gather column).
 - find: 1M keys drawn from the table (all hits), through `kernels.cuda.find`.
 - find-or-insert: 1M keys, a fraction `hit` from the table and the rest new distinct keys,
-  on the full path the store would use: find -> dedup misses (sorted) -> allocate -> insert.
+  on the full path the store would use: find -> dedup misses (first occurrence) -> allocate -> insert.
   Three ways: `HashIndex.find_or_insert` (the store's index, with its input checks), the
   literal kernel composition (`fused=False`) and the fused path (`fused=True`). The table is
   restored before every repeat, so each one inserts into the same state.
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     from liverec.embedding_store.hash_index import HashIndex
-    from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, SLOT_DTYPE
+    from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, SLOT_DTYPE, distinct_in_first_seen_order
     from liverec.embedding_store.kernels import cuda as K
 
     dev = torch.device(_DEVICE, torch.cuda.current_device()) if _DEVICE == "cuda" else torch.device("cpu")
@@ -272,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             restore()
             got, got_new, _ = K.find_or_insert(slots, row_keys, mixed, no_free, n, fused=True)
             assert torch.equal(ref, got) and torch.equal(ref_new, got_new), "fused path disagrees"
-            new_rank = torch.searchsorted(ref_new, mixed)
             is_new = ref >= n
-            assert torch.equal(ref[is_new], n + new_rank[is_new]), "new rows not in sorted order"
+            first_seen, new_rank = distinct_in_first_seen_order(mixed[is_new])
+            assert torch.equal(ref_new, first_seen) and torch.equal(ref[is_new], n + new_rank), \
+                "new rows not in order of first occurrence"
 
             if hit == hits[0]:  # launch configuration for the fused path, swept once per load
                 best_foi = None

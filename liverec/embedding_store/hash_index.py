@@ -13,7 +13,8 @@ a key gets a row only through `insert` / `find_or_insert`, which take rows from 
 and a row returns to the free list only when `erase` removed its key.
 
 Row allocation is deliberately outside the probing and deterministic: new keys are inserted in
-sorted order and take the lowest free rows first (then rows above the high-water mark). The
+a fixed order (`insert`: sorted; `find_or_insert`: first occurrence in the batch) and take the
+lowest free rows first (then rows above the high-water mark). The
 free rows are therefore always exactly the rows below the high-water mark that hold no key,
 which is why a checkpoint only has to store (key, row) pairs and the high-water mark, why CPU and
 CUDA assign the same rows even though their slot positions may differ, and why the free list
@@ -47,6 +48,7 @@ from liverec.embedding_store.kernels import (
     EMPTY_SLOT,
     SLOT_DTYPE,
     TOMBSTONE_KEY,
+    distinct_in_first_seen_order,
     kernels_for,
     reserved_keys_error,
 )
@@ -172,7 +174,7 @@ class HashIndex:
 
     def insert_missed(self, keys: torch.Tensor) -> torch.Tensor:
         """`insert` without its checks, for a caller that holds the proof: keys this index's
-        own find just missed, deduplicated and sorted, on the right device (the table's train
+        own find just missed, deduplicated (rows are given in their order), on the right device (the table's train
         step). The checks cost a second probe of every new key, each batch."""
         if keys.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
@@ -182,7 +184,8 @@ class HashIndex:
         return rows
 
     def find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row of each key, inserting the absent ones (deduplicated, sorted, rows in that order).
+        """Row of each key, inserting the absent ones (deduplicated in order of first occurrence,
+        rows in that order: what inserting the batch key by key would give).
 
         Returns (rows per key, the new keys, their rows). One kernel call (the fused path on
         CUDA) when the whole batch would fit without a rehash; otherwise find first, so the
@@ -197,8 +200,8 @@ class HashIndex:
             return rows, new_keys, new_rows
         rows = self.find(keys)
         missing = rows < 0
-        new_keys, inverse = torch.unique(keys[missing], return_inverse=True)
-        new_rows = self.insert(new_keys)
+        new_keys, inverse = distinct_in_first_seen_order(keys[missing])
+        new_rows = self.insert_missed(new_keys)
         rows[missing] = new_rows[inverse]
         return rows, new_keys, new_rows
 

@@ -78,16 +78,22 @@ class RefIndex:
                 self.keys[pos] = TOMBSTONE_KEY
         return out
 
-    def find_or_insert(self, keys: np.ndarray, next_row: int) -> tuple[np.ndarray, np.ndarray]:
-        """The store's path: find, sorted unique misses get rows next_row, next_row + 1, ..."""
-        out = self.find(keys)
-        valid = (keys != EMPTY_KEY) & (keys != TOMBSTONE_KEY)
-        miss = (out < 0) & valid
-        uniq = np.unique(keys[miss])
-        rows = np.arange(next_row, next_row + len(uniq), dtype=np.int64)
-        self.insert(uniq, rows)
-        out[miss] = rows[np.searchsorted(uniq, keys[miss])]
-        return out, uniq
+    def find_or_insert(self, keys: np.ndarray, free_rows: np.ndarray, next_row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Key by key: a present key reads its row; an absent one takes the next free row, then
+        next_row, next_row + 1, ... Returns (rows, new keys in the order they were inserted)."""
+        out = np.full(len(keys), -1, dtype=np.int64)
+        new: list[int] = []
+        for i, key in enumerate(int(x) for x in keys):
+            if key in (EMPTY_KEY, TOMBSTONE_KEY):
+                continue
+            row = int(self.find(np.array([key], dtype=np.int64))[0])
+            if row < 0:
+                r = len(new)
+                row = int(free_rows[r]) if r < len(free_rows) else next_row + r - len(free_rows)
+                self.insert(np.array([key], dtype=np.int64), np.array([row], dtype=np.int64))
+                new.append(key)
+            out[i] = row
+        return out, np.array(new, dtype=np.int64)
 
     def items(self) -> dict[int, int]:
         live = (self.keys != EMPTY_KEY) & (self.keys != TOMBSTONE_KEY)

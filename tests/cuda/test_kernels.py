@@ -209,12 +209,14 @@ def test_erase_duplicates_first_occurrence(device: torch.device, small: int) -> 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", ["random", "colliding", "clustered"])
 def test_find_or_insert_matches_sequential(device: torch.device, small: int, fused: bool, kind: str) -> None:
-    """Batches with repeats and hits: rows equal the CPU path (sorted unique misses, free rows first)."""
+    """Batches with repeats and hits: rows equal the CPU kernels' and a key-by-key insert's (new
+    keys in order of first occurrence, free rows first)."""
     rng = np.random.default_rng(11)
     capacity = 1 << small
     pool = _key_set(kind, rng, int(0.6 * capacity), capacity)
     gk, gv = _empty_table(capacity, device)
     ck, cv = _empty_table(capacity, torch.device("cpu"))
+    ref = RefIndex(capacity)
     free = np.array([5, 9, 100], dtype=np.int64)
     next_row = 1000
     seen = np.empty(0, dtype=np.int64)
@@ -223,18 +225,14 @@ def test_find_or_insert_matches_sequential(device: torch.device, small: int, fus
         batch = np.concatenate([batch, batch[: batch.size // 8], [EMPTY_KEY, INT64_MAX]])
         got, new_keys, new_rows = cuda.find_or_insert(gk, gv, _t(batch, device), _t(free, device),
                                                       next_row, fused=fused)
-        # The CPU path: find, then sorted unique misses get the free rows, then fresh rows.
-        want = cpu.find(ck, cv, _t(batch, "cpu"))
-        miss = (want < 0) & (_t(batch, "cpu") > TOMBSTONE_KEY)
-        uniq = torch.unique(_t(batch, "cpu")[miss])
-        rows = torch.cat([_t(free, "cpu"), torch.arange(next_row, next_row + uniq.numel())])[: uniq.numel()]
-        cpu.insert(ck, cv, uniq, rows)
-        want[miss] = rows[torch.searchsorted(uniq, _t(batch, "cpu")[miss])]
+        want, want_keys, want_rows = cpu.find_or_insert(ck, cv, _t(batch, "cpu"), _t(free, "cpu"), next_row)
+        ref_rows, ref_keys = ref.find_or_insert(batch, free, next_row)
+        assert torch.equal(want, torch.from_numpy(ref_rows)) and torch.equal(want_keys, torch.from_numpy(ref_keys))
         assert torch.equal(got.cpu(), want)
-        assert torch.equal(new_keys.cpu(), uniq) and torch.equal(new_rows.cpu(), rows)
-        assert _mapping(gk, gv) == _mapping(ck, cv)
-        seen = np.union1d(seen, uniq.numpy())
-        next_row += max(uniq.numel() - free.size, 0)
+        assert torch.equal(new_keys.cpu(), want_keys) and torch.equal(new_rows.cpu(), want_rows)
+        assert _mapping(gk, gv) == _mapping(ck, cv) == ref.items()
+        seen = np.union1d(seen, want_keys.numpy())
+        next_row += max(want_keys.numel() - free.size, 0)
         free = np.empty(0, dtype=np.int64)
     assert len(_mapping(gk, gv)) == seen.size
 
@@ -322,11 +320,8 @@ def test_launch_configs_agree(device: torch.device, small: int, block: int, warp
     cpu.insert(ck, cv, _t(keys[:half], "cpu"), _t(np.arange(half), "cpu"))
     batch = rng.choice(keys, size=keys.size)
     got, new_keys, _ = cuda.find_or_insert(gk, gv, _t(batch, device), _t(np.arange(0), device), half)
-    want = cpu.find(ck, cv, _t(batch, "cpu"))
-    uniq = torch.unique(_t(batch, "cpu")[want < 0])
-    cpu.insert(ck, cv, uniq, torch.arange(half, half + uniq.numel()))
-    want = cpu.find(ck, cv, _t(batch, "cpu"))
-    assert torch.equal(got.cpu(), want) and torch.equal(new_keys.cpu(), uniq)
+    want, want_keys, _ = cpu.find_or_insert(ck, cv, _t(batch, "cpu"), _t(np.arange(0), "cpu"), half)
+    assert torch.equal(got.cpu(), want) and torch.equal(new_keys.cpu(), want_keys)
     gone = rng.choice(keys, size=keys.size // 3, replace=False)
     assert torch.equal(cuda.erase(gk, gv, _t(gone, device)).cpu(), cpu.erase(ck, cv, _t(gone, "cpu")))
     assert _mapping(gk, gv) == _mapping(ck, cv)

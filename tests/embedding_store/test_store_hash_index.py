@@ -13,14 +13,26 @@ def _keys(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
 
-def test_find_or_insert_gives_new_keys_rows_in_sorted_order() -> None:
+def test_find_or_insert_gives_new_keys_rows_in_order_of_first_occurrence() -> None:
     index = HashIndex(8)
     rows, new_keys, new_rows = index.find_or_insert(_keys([50, 10, 50, 30]))
-    assert new_keys.tolist() == [10, 30, 50]
+    assert new_keys.tolist() == [50, 10, 30]
     assert new_rows.tolist() == [0, 1, 2]
-    assert rows.tolist() == [2, 0, 2, 1]
+    assert rows.tolist() == [0, 1, 0, 2]
     rows, new_keys, _ = index.find_or_insert(_keys([30, 20]))
-    assert rows.tolist() == [1, 3] and new_keys.tolist() == [20]
+    assert rows.tolist() == [2, 3] and new_keys.tolist() == [20]
+
+
+def test_find_or_insert_gives_the_same_rows_on_the_growth_path() -> None:
+    """A batch too large for the table goes through find + insert after a rehash: same order."""
+    small, large = HashIndex(4), HashIndex(64)
+    batch = _keys([9, 4, 9, 7, 1, 4, 8, 2, 7, 5])
+    got_small, got_large = small.find_or_insert(batch), large.find_or_insert(batch)
+    assert small.capacity > 4
+    for a, b in zip(got_small, got_large):
+        assert a.tolist() == b.tolist()
+    assert got_small[1].tolist() == [9, 4, 7, 1, 8, 2, 5]
+    assert got_small[0].tolist() == [0, 1, 0, 2, 3, 1, 4, 5, 2, 6]
 
 
 def test_erased_rows_are_reused_lowest_first() -> None:

@@ -28,13 +28,17 @@ Every backend module exposes the same batched functions, with no per-key Python 
     erase(slots, row_keys, keys) -> int64[M]             erased row per key (-1 where absent); its
                                                          slot becomes a tombstone, its row_keys EMPTY_KEY
     find_or_insert(slots, row_keys, keys, free_rows, next_row)
-        -> (rows per key, new_keys sorted unique, new_rows)   the r-th new key in ascending order
-                                                         gets free_rows[r], then next_row + r - len(free_rows)
+        -> (rows per key, new_keys, new_rows)            new_keys: the distinct absent keys in the
+                                                         order of their first occurrence in `keys`;
+                                                         the r-th gets free_rows[r], then
+                                                         next_row + r - len(free_rows)
 
 `row_keys` must have a row for every row id the call may store. Row allocation is decided
-outside the probing (misses deduplicated in sorted order, rows from the free list in that
-order), so the key -> row mapping is identical on every backend even though slot positions
-under concurrent GPU inserts may differ.
+outside the probing (misses deduplicated in order of first occurrence, rows from the free list
+in that order: what a loop inserting the batch key by key would give), so the key -> row mapping
+is identical on every backend even though slot positions under concurrent GPU inserts may
+differ. First occurrence rather than key order because the GPU ranks it with a scan over the
+batch, where key order would take a sort of the new keys and a host sync before it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,17 @@ SLOT_DTYPE = torch.int32
 def reserved_keys_error() -> ValueError:
     """What a batch holding EMPTY_KEY or TOMBSTONE_KEY is refused with."""
     return ValueError(f"keys {EMPTY_KEY} and {TOMBSTONE_KEY} are reserved sentinels, not feature ids")
+
+
+def distinct_in_first_seen_order(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the distinct keys in the order of their first occurrence, each key's index in them)."""
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((uniq.numel(),), keys.numel(), dtype=torch.int64, device=keys.device)
+    first.scatter_reduce_(0, inverse, torch.arange(keys.numel(), device=keys.device), reduce="amin")
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=keys.device)
+    return uniq[order], rank[inverse]
 
 
 def kernels_for(device: torch.device | str) -> ModuleType:

@@ -25,7 +25,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from liverec.embedding_store import hashing
-from liverec.embedding_store.kernels import EMPTY_KEY, EMPTY_SLOT, SLOT_DTYPE, TOMBSTONE_KEY, TOMBSTONE_SLOT
+from liverec.embedding_store.kernels import (
+    EMPTY_KEY,
+    EMPTY_SLOT,
+    SLOT_DTYPE,
+    TOMBSTONE_KEY,
+    TOMBSTONE_SLOT,
+    distinct_in_first_seen_order,
+)
 
 # Loops over keys prefetch the slot (or row) of the key this many iterations ahead; the
 # row-walking kernels of cpu_step the rows (a row of a large table is a cache and TLB miss, and a
@@ -306,7 +313,7 @@ def find_or_insert(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tens
     """Row per key, inserting the absent ones; returns (rows, new_keys, new_rows) as the contract says."""
     out = find(slots, row_keys, keys)
     miss = (out < 0) & (keys > TOMBSTONE_KEY)
-    new_keys, inverse = torch.unique(keys[miss], return_inverse=True)
+    new_keys, inverse = distinct_in_first_seen_order(keys[miss])
     new_rows = rows_for(new_keys.numel(), free_rows, next_row)
     insert(slots, row_keys, new_keys, new_rows)
     out[miss] = new_rows[inverse]

@@ -17,15 +17,17 @@ A slot, once claimed, never changes within a launch, so a lane that loses the ra
 winner's value from the CAS and either has met its own key or walks on. Triton's `atomic_cas`
 has no mask: idle lanes CAS a private scratch cell with compare == new (a no-op).
 
-`find_or_insert` is the store's hot path (find -> dedup misses -> allocate -> insert) and gives
-the CPU path's key -> row mapping: the r-th new key in ascending order gets the r-th row.
-`fused=False` composes the contract's functions literally (torch.unique on the misses).
+`find_or_insert` (find -> dedup misses -> allocate -> insert) gives the CPU path's key -> row
+mapping: the r-th new key in order of first occurrence in the batch gets the r-th row.
+`fused=False` composes the contract's functions literally (a deduplication of the misses).
 `fused=True` finds and claims in one kernel, deduplicating inside the table itself: a lane
 claims a free slot by writing the pending code -3 - lane, from which any lane that meets it
-reads the claimed key (keys[lane]); lanes of one key meet at the slot the first of them claims,
-and the winner appends the key once to a list. After one host sync that list is sorted, and a
-second kernel gives each lane of a new key the row of its rank, writing it to the slot, the
-row's key and the output.
+reads the claimed key (keys[lane]); lanes of one key meet at the slot the first of them claims.
+Every lane of a new key then takes an atomic min of its own index into the claiming lane's
+cell, so that cell ends up holding the key's first occurrence; a flag per first occurrence and
+a prefix sum over the batch rank the new keys, and a last kernel gives each lane of a new key
+the row of its rank, writing it to the slot, the row's key and the output. All of it is queued
+without waiting; the one host sync, for the count of new keys, comes at the end.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
         "PyTorch); on a machine without it use the CPU kernels (kernels_for('cpu'))"
     ) from exc
 
-from liverec.embedding_store.kernels import EMPTY_KEY, SLOT_DTYPE, TOMBSTONE_KEY, TOMBSTONE_SLOT
+from liverec.embedding_store.kernels import (
+    EMPTY_KEY,
+    SLOT_DTYPE,
+    TOMBSTONE_KEY,
+    TOMBSTONE_SLOT,
+    distinct_in_first_seen_order,
+)
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly); used to test without a GPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -238,15 +246,14 @@ def _insert_kernel(slots, row_keys, keys_ptr, rows_ptr, scratch, fail_ptr, n, cm
 
 
 @triton.jit
-def _find_or_claim_kernel(slots, row_keys, keys_ptr, out_ptr, pos_out, fresh_out, new_keys, new_index,
-                          counter, scratch, n, cmask, cap, max_iters, BLOCK: tl.constexpr, G: tl.constexpr):
-    """First half of find_or_insert: find each key, or claim a slot for it.
+def _find_or_claim_kernel(slots, row_keys, keys_ptr, out_ptr, pos_out, fresh_out, lost_ptr, scratch, n, cmask,
+                          cap, max_iters, BLOCK: tl.constexpr, G: tl.constexpr):
+    """First part of find_or_insert: find each key, or claim a slot for it.
 
-    A present key's row goes to out. For a new key: out = -1, fresh = 1, pos = its slot, and
-    the one lane whose CAS claimed it appends it to new_keys (counter[0] counts them; counter[1]
-    counts keys that found no free slot) and records where in new_index[lane]. The slot holds
-    the pending code -3 - lane until the rows are ranked, so a lane that meets a key another
-    lane claimed in this launch knows it is new: stored rows are >= 0.
+    A present key's row goes to out. For a new key: out = -1, fresh = 1, pos = its slot; lost
+    counts keys that found no free slot. The slot holds the pending code -3 - (claiming lane)
+    until the rows are ranked, so a lane that meets a key another lane claimed in this launch
+    knows it is new: stored rows are >= 0.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -284,43 +291,64 @@ def _find_or_claim_kernel(slots, row_keys, keys_ptr, out_ptr, pos_out, fresh_out
     tl.store(out_ptr + offs, tl.where(fresh, -1, val.to(tl.int64)), mask=m)
     tl.store(pos_out + offs, tl.where(found, cslot, slot), mask=m)
     tl.store(fresh_out + offs, fresh.to(tl.int8), mask=m)
-    n_won = tl.sum(won.to(tl.int32), axis=0)
-    at = n_won * 0
-    if n_won > 0:
-        at = tl.atomic_add(counter, n_won)
-    idx = at + tl.cumsum(won.to(tl.int32), axis=0) - 1
-    tl.store(new_keys + idx, k, mask=won)
-    tl.store(new_index + offs, idx.to(tl.int64), mask=won)
     lost = tl.sum((valid & ~hit & ~found).to(tl.int32), axis=0)
     if lost > 0:
-        tl.atomic_add(counter + 1, lost)
+        tl.atomic_add(lost_ptr, lost)
 
 
 @triton.jit
-def _finish_kernel(slots, row_keys, keys_ptr, pos, fresh_ptr, new_index, rank_of, free_rows, n_free, next_row,
-                   out_ptr, new_rows, n, BLOCK: tl.constexpr):
-    """Second half: give each new key its row, from its rank among the sorted new keys.
+def _pending_claim(slots, pos, fresh_ptr, offs, m):
+    """(the lanes of new keys, those whose slot still holds a pending code, the claiming lane
+    there, the slot's value)."""
+    fresh = m & (tl.load(fresh_ptr + offs, mask=m, other=0) != 0)
+    v = tl.load(slots + tl.load(pos + offs, mask=fresh, other=0), mask=fresh, other=-1)
+    coded = fresh & (v <= -3)
+    return fresh, coded, (-3 - v).to(tl.int64), v
 
-    A new key's slot holds -3 - (the claiming lane) until a lane of the key writes the row;
-    every lane of the key reads either, derives the same row and writes it to the slot, to the
-    row's key, to out and to new_rows[rank]: no lane waits for another.
+
+@triton.jit
+def _first_lane_kernel(slots, pos, fresh_ptr, first_lane, n, BLOCK: tl.constexpr):
+    """first_lane[claiming lane] = the smallest lane of that key (atomic min; cells start at n)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _fresh, coded, claimer, _v = _pending_claim(slots, pos, fresh_ptr, offs, offs < n)
+    tl.atomic_min(first_lane + claimer, offs.to(tl.int32), mask=coded, sem="relaxed")
+
+
+@triton.jit
+def _first_flag_kernel(slots, pos, fresh_ptr, first_lane, flag, n, BLOCK: tl.constexpr):
+    """flag[lane] = 1 where the lane is its new key's first occurrence, else 0."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    _fresh, coded, claimer, _v = _pending_claim(slots, pos, fresh_ptr, offs, m)
+    first = tl.load(first_lane + claimer, mask=coded, other=-1)
+    tl.store(flag + offs, (coded & (first == offs)).to(tl.int32), mask=m)
+
+
+@triton.jit
+def _finish_kernel(slots, row_keys, keys_ptr, pos, fresh_ptr, first_lane, ranks, free_rows, n_free, next_row,
+                   out_ptr, new_keys, new_rows, n, BLOCK: tl.constexpr):
+    """Last part: give each new key the row of its rank (ranks: inclusive prefix sum of the
+    first-occurrence flags, read at the key's first lane).
+
+    A new key's slot holds -3 - (claiming lane) until a lane of the key writes the row; every
+    lane of the key reads either, derives the same row and writes it to the slot, to the row's
+    key, to out and (having read the code) to new_keys / new_rows[rank]: no lane waits for another.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    fresh = m & (tl.load(fresh_ptr + offs, mask=m, other=0) != 0)
-    p = tl.load(pos + offs, mask=fresh, other=0)
-    v = tl.load(slots + p, mask=fresh, other=-1)
-    coded = fresh & (v <= -3)
-    idx = tl.load(new_index + (-3 - v).to(tl.int64), mask=coded, other=0)
-    rank = tl.load(rank_of + idx, mask=coded, other=0)
+    fresh, coded, claimer, v = _pending_claim(slots, pos, fresh_ptr, offs, m)
+    first = tl.load(first_lane + claimer, mask=coded, other=0).to(tl.int64)
+    rank = tl.load(ranks + first, mask=coded, other=1).to(tl.int64) - 1
     from_free = coded & (rank < n_free)
     row = tl.load(free_rows + rank, mask=from_free, other=0)
     row = tl.where(coded, tl.where(from_free, row, next_row + rank - n_free), v.to(tl.int64))
     ok = fresh & (row >= 0)
     k = tl.load(keys_ptr + offs, mask=ok, other=_EMPTY)
+    p = tl.load(pos + offs, mask=ok, other=0)
     tl.store(slots + p, row.to(tl.int32), mask=ok)
     tl.store(row_keys + row, k, mask=ok)
     tl.store(out_ptr + offs, row, mask=ok)
+    tl.store(new_keys + rank, k, mask=coded)
     tl.store(new_rows + rank, row, mask=coded)
 
 
@@ -441,11 +469,11 @@ def find_or_insert(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tens
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row per key, inserting absent keys; returns (rows, new_keys, new_rows).
 
-    new_keys are the distinct absent keys in ascending order; the r-th gets free_rows[r] while
-    they last, then next_row + r - len(free_rows). Sentinel keys get -1 and are not inserted.
-    row_keys must already have a row for every row this can hand out. Raises if the table had
-    no free slot for a new key (the caller grows it beforehand); the fused path then turns its
-    pending claims into tombstones, so no half-made key stays.
+    new_keys are the distinct absent keys in the order of their first occurrence in keys; the
+    r-th gets free_rows[r] while they last, then next_row + r - len(free_rows). Sentinel keys
+    get -1 and are not inserted. row_keys must already have a row for every row this can hand
+    out. Raises if the table had no free slot for a new key (the caller grows it beforehand);
+    the fused path then erases the keys it inserted, so no half-made key stays.
     """
     cmask = _check(slots, row_keys, keys, free_rows)
     n = keys.numel()
@@ -453,7 +481,7 @@ def find_or_insert(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tens
         out = find(slots, row_keys, keys)
         miss = (out < 0) & (keys != EMPTY_KEY) & (keys != TOMBSTONE_KEY)
         idx = miss.nonzero().squeeze(1)
-        uniq, inv = torch.unique(keys[idx], sorted=True, return_inverse=True)
+        uniq, inv = distinct_in_first_seen_order(keys[idx])
         rows = _rows_for(uniq.numel(), free_rows, next_row)
         insert(slots, row_keys, uniq, rows)
         out[idx] = rows[inv]
@@ -464,22 +492,22 @@ def find_or_insert(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tens
     out = torch.empty_like(keys)
     pos = torch.empty_like(keys)
     fresh = torch.empty(n, dtype=torch.int8, device=dev)
+    lost = torch.zeros(1, dtype=torch.int32, device=dev)
+    _run(_find_or_claim_kernel, n, slots, row_keys, keys, out, pos, fresh, lost, _scratch(n, dev), n, cmask,
+         cmask + 1, _max_claim_steps(cmask), G=_group(cmask))
+    first_lane = torch.full((n,), n, dtype=torch.int32, device=dev)
+    _run(_first_lane_kernel, n, slots, pos, fresh, first_lane, n)
+    flag = torch.empty(n, dtype=torch.int32, device=dev)
+    _run(_first_flag_kernel, n, slots, pos, fresh, first_lane, flag, n)
+    ranks = torch.cumsum(flag, 0, dtype=torch.int32)
     new_keys = torch.empty_like(keys)
-    new_index = torch.empty_like(keys)
-    counter = torch.zeros(2, dtype=torch.int32, device=dev)
-    _run(_find_or_claim_kernel, n, slots, row_keys, keys, out, pos, fresh, new_keys, new_index, counter,
-         _scratch(n, dev), n, cmask, cmask + 1, _max_claim_steps(cmask), G=_group(cmask))
-    # The one host sync. Sorting only the new keys after it beats sorting a padded batch-sized
-    # list without it when few keys are new (the usual case in training: the sort's launches,
-    # not its bytes, dominate on the host), and it was no slower at half the batch new.
-    n_new, lost = counter.tolist()
-    if lost:
-        slots[slots <= -3] = TOMBSTONE_SLOT  # undo the pending claims: no half-made keys stay
-        raise RuntimeError(f"hash index full: {lost} keys found no free slot")
-    new_keys, order = torch.sort(new_keys[:n_new])
-    new_rows = torch.empty_like(new_keys)
-    if n_new:
-        rank_of = torch.empty_like(order).scatter_(0, order, torch.arange(n_new, device=dev))
-        _run(_finish_kernel, n, slots, row_keys, keys, pos, fresh, new_index, rank_of, free_rows,
-             free_rows.numel(), next_row, out, new_rows, n)
-    return out, new_keys, new_rows
+    new_rows = torch.empty_like(keys)
+    _run(_finish_kernel, n, slots, row_keys, keys, pos, fresh, first_lane, ranks, free_rows, free_rows.numel(),
+         next_row, out, new_keys, new_rows, n)
+    # The one host sync, after everything is queued: how many keys are new, and were any lost.
+    n_new, n_lost = torch.cat([ranks[-1:], lost]).tolist()
+    if n_lost:
+        slots[pos[fresh.bool()]] = TOMBSTONE_SLOT  # erase what this call inserted: no half-made keys stay
+        row_keys[new_rows[:n_new]] = EMPTY_KEY
+        raise RuntimeError(f"hash index full: {n_lost} keys found no free slot")
+    return out, new_keys[:n_new], new_rows[:n_new]
