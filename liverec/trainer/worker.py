@@ -50,7 +50,7 @@ from liverec.model.codecs.base import StateCodec
 from liverec.model.codecs.record import record_for
 from liverec.model.codecs.registry import codec_from_config
 from liverec.model.encoder import KVCache
-from liverec.platform.config import LiverecConfig
+from liverec.platform.config import ConfigError, LiverecConfig
 from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
 from liverec.trainer.checkpoint import CheckpointManager
 from liverec.trainer.codec_training import CodecTrainer
@@ -124,6 +124,25 @@ def item_table_config(config: LiverecConfig) -> TableConfig:
                        optimizer=tc.item_optimizer, lr=tc.item_lr, initial_capacity=4096)
 
 
+#: The item table's settings that come from the trainer's config, by the config field they come from.
+ITEM_TABLE_FIELDS = {"dim": "model.encoder.dim", "min_count": "trainer.min_count", "ttl_s": "trainer.item_ttl_s",
+                     "optimizer": "trainer.item_optimizer", "lr": "trainer.item_lr"}
+
+
+def check_restored_item_table(restored: TableConfig, configured: TableConfig) -> list[str]:
+    """What a restored item table keeps against the config, one line per differing field.
+
+    A checkpoint's table carries its own settings (its rows and per-row optimizer state were
+    made with them), so a restart keeps them: changing them takes a fresh state_dir. A width
+    that differs from the model's cannot go on at all and is refused, naming the field.
+    """
+    if restored.dim != configured.dim:
+        raise ConfigError(ITEM_TABLE_FIELDS["dim"], f"is {configured.dim} but the checkpoint's item table has "
+                                                    f"dim {restored.dim}; use a fresh trainer.state_dir")
+    return [f"{path} is {getattr(configured, name)!r} but the checkpoint's item table keeps {getattr(restored, name)!r}"
+            for name, path in ITEM_TABLE_FIELDS.items() if getattr(restored, name) != getattr(configured, name)]
+
+
 class TrainerWorker:
     def __init__(self, config: LiverecConfig, stop: threading.Event | None = None) -> None:
         self.config = config
@@ -137,6 +156,15 @@ class TrainerWorker:
         self.history = HistoryStore(self.state_dir / "history", config.model.encoder.max_len)
         restored = self.checkpoints.restore_latest()
         store = restored.store if restored else EmbeddingStore([item_table_config(config)], seed=tc.seed)
+        if restored:
+            try:
+                kept = check_restored_item_table(store.table(ITEM_TABLE).config, item_table_config(config))
+            except ConfigError:
+                self.history.close()
+                raise
+            if kept:
+                log.warning("restored item table keeps its own settings (start from a fresh state_dir to change "
+                            "them)", extra={"checkpoint": str(restored.path), "settings": kept})
         self.store = store
         self.learner = OnlineLearner.from_config(config, StoreItemTable(store), self.history)
         self.offsets: dict[int, int] = {}

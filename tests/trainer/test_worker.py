@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import random
 import signal
 import subprocess
@@ -18,6 +20,7 @@ from google.protobuf import descriptor_pb2
 from kafka import TopicPartition
 
 from liverec.model.codecs.record import decode_record
+from liverec.platform.config import ConfigError
 from liverec.platform.datasets import load_dataset
 from liverec.platform.events import MIN_EVENT_TIME_MS, encode_event
 from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
@@ -190,6 +193,34 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(config, ml100k
     counters = second.run(idle_exit_s=3)
     assert counters.applied == 1000  # the events after it were re-learned, none twice
     assert counters.consumed == 1000
+
+
+def test_a_restart_keeps_the_checkpoints_item_table_settings_and_says_so(config, ml100k, tmp_path, caplog) -> None:
+    """The checkpoint's rows carry per-row Adagrad state: a config now saying Adam is reported,
+    field by field, not silently applied; a different embedding width is refused."""
+    publish_ml100k(config, ml100k, 300)
+    cfg = small(config, tmp_path / "state", item_optimizer="adagrad", item_lr=0.15)
+    first = TrainerWorker(cfg)
+    first.run(idle_exit_s=2)
+    rows = first.store.table(ITEM_TABLE).stats().rows
+    assert first.checkpoints.names() and rows > 0
+
+    changed = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, item_optimizer="adam", item_lr=2e-3))
+    with caplog.at_level(logging.WARNING, logger="liverec.trainer.worker"):
+        restarted = TrainerWorker(changed)
+    table = restarted.store.table(ITEM_TABLE)
+    assert (table.config.optimizer, table.config.lr) == ("adagrad", 0.15)
+    assert table.stats().rows == rows
+    (record,) = [r for r in caplog.records if "keeps its own settings" in r.getMessage()]
+    assert record.settings == ["trainer.item_optimizer is 'adam' but the checkpoint's item table keeps 'adagrad'",
+                               "trainer.item_lr is 0.002 but the checkpoint's item table keeps 0.15"]
+    restarted.run(idle_exit_s=1)  # and goes on with them
+    assert restarted.store.table(ITEM_TABLE).config.optimizer == "adagrad"
+
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, encoder=dataclasses.replace(cfg.model.encoder, dim=32)))
+    with pytest.raises(ConfigError, match="model.encoder.dim"):
+        TrainerWorker(wider)
 
 
 def test_metrics_endpoint_exports_the_trainer_series(config, ml100k, tmp_path) -> None:
