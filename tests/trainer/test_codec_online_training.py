@@ -3,6 +3,7 @@ refresh's append path and its bounded re-encode of stale users."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -51,14 +52,39 @@ def test_learned_codec_trains_online_and_a_restart_restores_it_bit_for_bit(codec
     publish_ml100k(config, ml100k, 1500)
     reference_cfg = with_state(deterministic(config, tmp_path / "reference"), codec, LEARNED[codec])
     reference = TrainerWorker(reference_cfg)
-    losses: list[float] = []
-    step = reference.codec_trainer.step
-    reference.codec_trainer.step = lambda *a: losses.append(step(*a)) or losses[-1]  # record each aux loss
+    trainer = reference.codec_trainer
+    ratios: list[float] = []
+    step = trainer.step
+    untrained: list = []
+
+    def recording_step(model, cache, catalog) -> float:
+        """After each step: the live codec's auxiliary loss over these whole caches and the whole
+        catalog, against a codec that learned nothing since its initialisation on the same ones.
+        The model keeps learning, so the loss itself is a moving target; the ratio is not."""
+        if not untrained:
+            if not trainer.initialised:  # collective: its pool from the first caches, as step does it
+                trainer.live.collective.init_from([cache], seed=trainer.seed)
+                trainer.initialised = True
+            untrained.append(copy.deepcopy(trainer.live))
+        loss = step(model, cache, catalog)
+        with torch.no_grad():
+            rows = model.item_side(catalog).retrieval
+            was = model.training
+            model.eval()
+            trainer.module.eval()
+            ratios.append(float(trainer.live.auxiliary_loss(model, cache, rows))
+                          / float(untrained[0].auxiliary_loss(model, cache, rows)))
+            model.train(was)
+        return loss
+
+    trainer.step = recording_step
     reference.run(idle_exit_s=2)
     assert reference.counters.applied == 1500
-    quarter = len(losses) // 4
+    quarter = len(ratios) // 4
     assert quarter >= 3
-    assert np.mean(losses[-quarter:]) < np.mean(losses[:quarter])  # the codec learns to stand in for the cache
+    # The codec learns to stand in for the cache: its loss relative to an untrained one's falls,
+    # to clearly below it (over this short replay: summary 0.85 -> 0.23, collective 0.89 -> 0.79).
+    assert np.mean(ratios[-quarter:]) < min(np.mean(ratios[:quarter]), 0.9)
 
     records = stored_records(reference)
     assert records and all(r.codec_id == codec for r in records.values())
