@@ -156,12 +156,14 @@ class TrainerConfig:
       lowered the mean (CUDA, seeds 0-4: 0.0972 vs 0.0993); 100 and 200 were no better.
     - `item_optimizer` / `item_lr`: the item table's sparse optimizer (`sgd`, `adagrad`, `adam`,
       per-row state in the store) and its learning rate. Adam at 2e-3 is the default: on ml-100k
-      (online pass, full-catalog NDCG@10, CPU) seeds 0-9 give a mean of 0.1042 (sd 0.0042) against
-      Adagrad at 0.15's 0.1002 (sd 0.0055), and 0.1006 on seeds 10-19, which were not used to choose it; Adam at 1e-3 /
-      3e-3 gave 0.1009 / 0.1019 on seeds 0-9. The likely reason: Adagrad's accumulator only grows,
-      so a popular item's step keeps shrinking while the dense weights it must match keep moving;
-      Adam's moments decay, so its rows keep pace. (The offline twin of `liverec evaluate` keeps
-      Adagrad, which trains it better: 0.1064 against 0.1056 with Adam at 2e-3.)
+      (online pass, full-catalog NDCG@10, CPU) seeds 0-9 give a mean of 0.1042 (sd 0.0042)
+      against Adagrad at 0.15's 0.1002 (sd 0.0055), and seeds 10-19, not used to choose it,
+      0.1006; Adam at 1e-3 / 3e-3 gave 0.1009 / 0.1019 on seeds 0-9. The likely reason: Adagrad's
+      accumulator only grows, so a popular item's step keeps shrinking while the dense weights it
+      must match keep moving; Adam's moments decay, so its rows keep pace. (The offline twin of
+      `liverec evaluate` keeps Adagrad, which trains it better: 0.1064 against 0.1056 with Adam.)
+      A trainer restored from a checkpoint keeps the checkpoint's item-table settings and logs
+      each one that differs from these.
     """
 
     group_id: str = "liverec-trainer"

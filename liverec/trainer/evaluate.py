@@ -12,12 +12,13 @@ Models, all trained on the training split only:
   (`trainer.replay_users`) trains on stored windows of users seen earlier in the pass, never on
   anything the stream has not delivered yet. Its prequential HR@10 / NDCG@10 (and popularity's,
   from the same pass) are reported too.
-- offline: the same architecture (same `ModelConfig`, same store table config, same loss) trained
-  for several epochs the classic SASRec way: each user's training sequence cut into windows of
-  `max_len + 1` events, next-item loss on every position, shuffled mini-batches, cosine decay,
-  its own dropout and its own item-table optimizer (`OfflineOptions`, defaults tuned on ml-100k's
-  full protocol: a fair baseline, not a straw man). With sampled softmax, in-batch negatives cost `M²` for `M` targets in a
-  batch, so mini-batches are sized in windows such that `M` stays near the online learner's.
+- offline: the same architecture (same `ModelConfig`, same store table but for its optimizer,
+  same loss) trained for several epochs the classic SASRec way: each user's training sequence
+  cut into windows of `max_len + 1` events, next-item loss on every position, shuffled
+  mini-batches, cosine decay, its own dropout and its own item-table optimizer (`OfflineOptions`,
+  defaults tuned on ml-100k's full protocol: a fair baseline, not a straw man). With sampled
+  softmax, in-batch negatives cost `M²` for `M` targets in a batch, so mini-batches are sized in
+  windows such that `M` stays near the online learner's.
 - popularity: item counts over the training split.
 
 Scoring. A user's state is the last `max_len` training events (what the model is trained to
