@@ -14,8 +14,8 @@ and a row returns to the free list only when `erase` removed its key.
 
 Row allocation is deliberately outside the probing and deterministic: new keys are inserted in
 a fixed order (`insert`: sorted; `find_or_insert`: first occurrence in the batch) and take the
-lowest free rows first (then rows above the high-water mark). The
-free rows are therefore always exactly the rows below the high-water mark that hold no key,
+lowest free rows first (then rows above the high-water mark). The free rows are therefore
+always exactly the rows below the high-water mark that hold no key,
 which is why a checkpoint only has to store (key, row) pairs and the high-water mark, why CPU and
 CUDA assign the same rows even though their slot positions may differ, and why the free list
 need not be stored: it is `row_keys[:high_water] == EMPTY_KEY`, computed (one scan) only by an
@@ -174,8 +174,8 @@ class HashIndex:
 
     def insert_missed(self, keys: torch.Tensor) -> torch.Tensor:
         """`insert` without its checks, for a caller that holds the proof: keys this index's
-        own find just missed, deduplicated (rows are given in their order), on the right device (the table's train
-        step). The checks cost a second probe of every new key, each batch."""
+        own find just missed, deduplicated (rows are given in their order), on the right device
+        (the table's train step). The checks cost a second probe of every new key, each batch."""
         if keys.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         self._reserve(keys.numel())

@@ -528,8 +528,8 @@ def evaluate(table: EventTable, config: LiverecConfig, options: Options = Option
                   "model": dataclasses.asdict(config.model),
                   "trainer": {k: getattr(config.trainer, k) for k in
                               ("batch_events", "negatives", "full_softmax_items", "history_loss", "replay_users",
-                               "serving_ema", "dense_lr", "dense_warmup_steps", "item_optimizer", "item_lr", "min_count",
-                               "item_ttl_s")}},
+                               "serving_ema", "dense_lr", "dense_warmup_steps", "item_optimizer", "item_lr",
+                               "min_count", "item_ttl_s")}},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "online_events_per_s": round(len(split.train) / max(seconds["online_pass"], 1e-9), 1),
     }
@@ -666,11 +666,12 @@ def main(argv: Sequence[str] | None, config: LiverecConfig) -> int:
     if not 0.0 <= args.offline_dropout < 1.0:
         print("liverec evaluate: --offline-dropout must be in [0, 1)", file=sys.stderr)
         return 2
-    if not args.offline_item_lr > 0:
-        print("liverec evaluate: --offline-item-lr must be > 0", file=sys.stderr)
-        return 2
     try:
         seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+        offline = OfflineOptions(epochs=args.epochs, batch_windows=args.batch_windows,
+                                 lr_scale=args.offline_lr_scale, cosine=not args.constant_lr,
+                                 dropout=args.offline_dropout, item_optimizer=args.offline_item_optimizer,
+                                 item_lr=args.offline_item_lr)
     except ValueError as exc:
         print(f"liverec evaluate: {exc}", file=sys.stderr)
         return 2
@@ -678,16 +679,12 @@ def main(argv: Sequence[str] | None, config: LiverecConfig) -> int:
     table, _shift = rebase_times(load_dataset(spec, format=args.format).table)  # the times a replay would give
     options = Options(
         protocols=PROTOCOLS if args.protocol == "all" else (args.protocol,),
-        offline=OfflineOptions(epochs=args.epochs, batch_windows=args.batch_windows, lr_scale=args.offline_lr_scale,
-                               cosine=not args.constant_lr, dropout=args.offline_dropout,
-                               item_optimizer=args.offline_item_optimizer, item_lr=args.offline_item_lr),
+        offline=offline,
         seed=config.trainer.seed if args.seed is None else args.seed,
         verbose=not args.quiet,
     )
-    if seeds is None:
-        report = {"dataset_path": spec, **evaluate(table, config, options)}
-    else:
-        report = {"dataset_path": spec, **evaluate_seeds(table, config, options, seeds)}
+    results = evaluate(table, config, options) if seeds is None else evaluate_seeds(table, config, options, seeds)
+    report = {"dataset_path": spec, **results}
     text = json.dumps(report, indent=None if args.json else 2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

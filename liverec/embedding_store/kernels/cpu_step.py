@@ -8,9 +8,9 @@ temporary, and on a 2-core CPU those passes, not arithmetic, are the cost. Here:
 - `dedup_find`: one hash-based deduplication of the batch (distinct keys in first-occurrence
   order, the inverse map, occurrences, and each distinct key's occurrences as a linked list)
   and the probe of each distinct key, in one call; a row found is touched (counted and
-  time-stamped) in the probe's own loop. Nothing downstream depends on the distinct
-  keys' order: new keys are sorted before they get rows (the allocation order of the
-  contract), and per-key work is a sum.
+  time-stamped) in the probe's own loop. Nothing downstream depends on the distinct keys'
+  order: the table sorts new keys before they get rows (its allocation order), and per-key
+  work is a sum.
 - `admission_candidates`: the count-min update of the missed keys and their estimates, with the
   same cells and the same saturating sums as `CountMinSketch.add_and_estimate` (all increments
   first, then the estimates, so colliding keys of one batch see each other's counts), and the
@@ -223,12 +223,12 @@ def _candidates(distinct: np.ndarray, occurrences: np.ndarray, rows: np.ndarray,
                 counted: bool) -> tuple[np.ndarray, np.ndarray, np.int64]:
     missed = np.empty(distinct.shape[0], dtype=np.int64)
     count = 0
-    added = np.int64(0)
+    missed_occurrences = np.int64(0)
     for d in range(distinct.shape[0]):
         if rows[d] < 0:
             missed[count] = d
             count += 1
-            added += occurrences[d]
+            missed_occurrences += occurrences[d]
     eligible = np.empty(count, dtype=np.int64)
     chosen = 0
     if counted:
@@ -261,7 +261,7 @@ def _candidates(distinct: np.ndarray, occurrences: np.ndarray, rows: np.ndarray,
     for k in range(chosen):
         keys[k] = distinct[eligible[k]]
     keys, index = _sorted_pairs(keys, eligible[:chosen])
-    return keys, index, added
+    return keys, index, missed_occurrences
 
 
 @numba.njit(cache=True)
@@ -301,18 +301,18 @@ def admission_candidates(distinct: torch.Tensor, occurrences: torch.Tensor, rows
                          sketch: tuple[torch.Tensor, int, int, int, int] | None, min_count: int
                          ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The missed distinct keys (rows[d] < 0) that may be admitted, ascending, with their
-    distinct indices, and the missed keys' occurrences (what a sketch counts). With a sketch (counters, seed,
-    width, depth, bits) the missed keys are counted first, all of them, then those whose
-    estimate reached min_count are the candidates (`sketch_add_estimate` on the missed keys);
-    without one every missed key is."""
+    distinct indices, and the missed keys' occurrences (what a sketch counts). With a sketch
+    (counters, seed, width, depth, bits) the missed keys are counted first, all of them, then
+    those whose estimate reached min_count are the candidates (`sketch_add_estimate` on the
+    missed keys); without one every missed key is."""
     if sketch is None:
         counters, seed, width, depth, bits = torch.zeros(1, dtype=torch.uint8), 0, 4, 0, 2
     else:
         counters, seed, width, depth, bits = sketch
-    keys, index, added = _candidates(distinct.numpy(), occurrences.numpy(), rows.numpy(), counters.numpy(),
+    keys, index, missed = _candidates(distinct.numpy(), occurrences.numpy(), rows.numpy(), counters.numpy(),
                                      np.int64(seed), width, depth, bits, 3 - (bits.bit_length() - 1), min_count,
                                      sketch is not None)
-    return torch.from_numpy(keys), torch.from_numpy(index), int(added)
+    return torch.from_numpy(keys), torch.from_numpy(index), int(missed)
 
 
 def sketch_add_estimate(counters: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, *, seed: int, width: int,
