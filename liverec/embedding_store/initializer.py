@@ -3,23 +3,23 @@
 A new row's initial weights are a pure function of the store seed, the table name and the key,
 never of a global RNG state or of the order in which keys arrived. So replaying a stream, or
 re-creating a row after it expired, or restoring a checkpoint and continuing, creates identical
-rows — and CPU and CUDA agree, since the bits come from integer hashing (splitmix64 in torch
-ops), not from a device RNG.
+rows — and CPU and CUDA agree bit for bit, since the bits come from integer hashing (splitmix64
+in torch ops), not from a device RNG, and the normals from float32 arithmetic that rounds the
+same everywhere (`box_muller`), not from a math library.
 
 Each row needs `dim` numbers. A key's 64-bit seed is splitmix64(key ^ table_seed); number j
 of its row is the murmur3 32-bit finaliser of (seed_low + j * golden) ^ seed_high, computed in
 int32 (which torch vectorises, unlike int64 multiplies) with in-place ops on one (n, dim) buffer,
 because large temporaries are what dominates element-wise work on a CPU. Each 32-bit hash gives a
-24-bit uniform; "normal" turns consecutive pairs into two normals by Box-Muller, "uniform" uses
-them directly.
+24-bit uniform; "normal" turns consecutive pairs into two normals by Box-Muller
+(`box_muller.normal_pairs`), "uniform" uses them directly.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from liverec.embedding_store import box_muller
 from liverec.embedding_store.config import TableConfig
 from liverec.embedding_store.hashing import as_int32, shift_right_logical, splitmix64
 from liverec.embedding_store.kernels import cpu_step
@@ -70,12 +70,8 @@ def initial_rows(config: TableConfig, table_seed: int, keys: torch.Tensor) -> to
         return values.to(config.torch_dtype)
     pairs = (dim + 1) // 2
     uniforms = _uniforms(keys, 2 * pairs, table_seed).view(n, pairs, 2)
-    radius = uniforms[:, :, 0].add(_UNIT).log_().mul_(-2.0).sqrt_().mul_(config.init_scale)
-    angle = uniforms[:, :, 1].mul(2.0 * math.pi)
-    values = torch.empty(n, pairs, 2, dtype=torch.float32, device=keys.device)
-    torch.cos(angle, out=values[:, :, 0]).mul_(radius)
-    torch.sin(angle, out=values[:, :, 1]).mul_(radius)
-    return values.view(n, 2 * pairs)[:, :dim].to(config.torch_dtype)
+    first, second = box_muller.normal_pairs(uniforms[:, :, 0], uniforms[:, :, 1], config.init_scale)
+    return torch.stack([first, second], dim=2).view(n, 2 * pairs)[:, :dim].to(config.torch_dtype)
 
 
 def write_initial_rows(config: TableConfig, table_seed: int, keys: torch.Tensor, weights: torch.Tensor,

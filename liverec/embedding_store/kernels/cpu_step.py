@@ -17,8 +17,9 @@ temporary, and on a 2-core CPU those passes, not arithmetic, are the cost. Here:
   keys that reached min_count, sorted by a radix sort; `sketch_add_estimate` is the update
   alone, for the sketch's own callers.
 - `write_normal_rows` / `write_uniform_rows` and `new_row_metadata`: new rows' initial weights
-  (the initializer's values, bit for bit), optimizer state, last update and count, written in
-  place; `uniforms` is the initializer's counter-based uniforms.
+  (the initializer's values, bit for bit: the normals are `box_muller`'s, which needs no math
+  library), optimizer state, last update and count, written in place; `uniforms` is the
+  initializer's counter-based uniforms.
 - `gather`: the forward's weights per key, zeros for keys without a row.
 - `apply_gradients`: per distinct row, sum its occurrences' gradients (in occurrence order, so
   the result is deterministic), reject a non-finite sum, and apply sgd / adagrad / adam to the
@@ -30,8 +31,9 @@ on a table of a few hundred MB each row is a cache miss, and their loop bodies a
 the CPU to reach the next rows' loads by itself (a third off the gradient step's CPU time).
 
 The arithmetic is the torch path's, in float32, so CPU results match the CUDA (torch) path to
-float rounding, which is what the CPU/CUDA test allows for weights and optimizer state; the
-integer state (keys, rows, counts, times, sketch) is identical.
+float rounding, which is what the CPU/CUDA test allows for trained weights and optimizer state;
+new rows' initial weights and the integer state (keys, rows, counts, times, sketch) are
+identical.
 """
 
 from __future__ import annotations
@@ -41,9 +43,21 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
+from liverec.embedding_store import box_muller
 from liverec.embedding_store.kernels import TOMBSTONE_KEY, reserved_keys_error
-from liverec.embedding_store.kernels.cpu import _AHEAD, _find_one, _home, _next, _prefetch, _splitmix64
+from liverec.embedding_store.kernels.cpu import (
+    _AHEAD,
+    _find_one,
+    _home,
+    _next,
+    _prefetch,
+    _splitmix64,
+)
 
 _CACHE_LINE_FLOATS = 16
 
@@ -330,8 +344,12 @@ _M32 = np.uint64(0xFFFFFFFF)
 _GOLDEN32 = np.uint64(0x9E3779B9)
 _FMIX1 = np.uint64(0x85EBCA6B)
 _FMIX2 = np.uint64(0xC2B2AE35)
-_UNIT = np.float32(2.0**-24)
-_TWO_PI = np.float32(2.0 * np.pi)
+_UNIT = box_muller.UNIT
+_ONE = np.float32(1.0)
+_TWO = np.float32(2.0)
+_MINUS_TWO = np.float32(-2.0)
+_QUARTER_UNIT = np.float32(2.0**-22)
+_HALF_UNIT = np.float32(2.0**-25)
 
 
 @numba.njit(cache=True, inline="always")
@@ -341,16 +359,22 @@ def _key_seed(key: np.int64, seed: np.int64) -> tuple[np.uint64, np.uint64]:
 
 
 @numba.njit(cache=True, inline="always")
-def _uniform(low: np.uint64, high: np.uint64, j: int) -> np.float32:
-    """Uniform j of a key whose seed halves are (low, high): murmur3's finaliser of
-    (j * golden + low) ^ high, its top 24 bits scaled to [0, 1)."""
+def _uniform_bits(low: np.uint64, high: np.uint64, j: int) -> np.uint64:
+    """Uniform j of a key whose seed halves are (low, high), as its 24 bits: the top 24 of
+    murmur3's finaliser of (j * golden + low) ^ high."""
     h = ((np.uint64(j) * _GOLDEN32 + low) & _M32) ^ high
     h ^= h >> np.uint64(16)
     h = (h * _FMIX1) & _M32
     h ^= h >> np.uint64(13)
     h = (h * _FMIX2) & _M32
     h ^= h >> np.uint64(16)
-    return np.float32(h >> np.uint64(8)) * _UNIT
+    return h >> np.uint64(8)
+
+
+@numba.njit(cache=True, inline="always")
+def _uniform(low: np.uint64, high: np.uint64, j: int) -> np.float32:
+    """Uniform j in [0, 1): its 24 bits scaled."""
+    return np.float32(_uniform_bits(low, high, j)) * _UNIT
 
 
 @numba.njit(cache=True, parallel=True)
@@ -514,26 +538,67 @@ def gather(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@numba.njit(cache=True, parallel=True)
-def _normal_inputs(keys: np.ndarray, seed: np.int64, radius: np.ndarray, angle: np.ndarray) -> None:
-    for i in numba.prange(keys.shape[0]):
-        low, high = _key_seed(keys[i], seed)
-        for p in range(radius.shape[1]):
-            radius[i, p] = _uniform(low, high, 2 * p) + _UNIT
-            angle[i, p] = _uniform(low, high, 2 * p + 1) * _TWO_PI
+@intrinsic
+def _leading_zeros(typingctx, value):
+    """Leading zero bits of a uint64 (llvm.ctlz; 64 for 0)."""
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.ctlz.i64")
+        return builder.call(function, [args[0], ir.Constant(ir.IntType(1), 0)])
+
+    return types.uint64(types.uint64), codegen
+
+
+@numba.njit(cache=True, inline="always")
+def _horner(z: np.float32, coefficients: tuple) -> np.float32:
+    value = coefficients[0]
+    for k in range(1, len(coefficients)):
+        value = value * z + coefficients[k]
+    return value
+
+
+@numba.njit(cache=True, inline="always")
+def _normal_pair(radius_bits: np.uint64, angle_bits: np.uint64, scale: np.float32) -> tuple[np.float32, np.float32]:
+    """`box_muller.normal_pairs` of the uniforms radius_bits * 2**-24 and angle_bits * 2**-24,
+    step for step: the same float32 operations in the same order, so the same bits. frexp and
+    the quarter turn come from the integers (exactly what the float operations give), so the
+    loop has no calls and no branches."""
+    n = radius_bits + np.uint64(1)  # u + 2**-24 = n * 2**-24, n in [1, 2**24]
+    width = np.uint64(64) - _leading_zeros(n)  # n = m * 2**width, m in [1/2, 1)
+    m = np.float32(n << (np.uint64(25) - width)) * _HALF_UNIT  # exact: n's bits, scaled by 2**-width
+    e = np.float32(np.int64(width) - 24)
+    low = m < box_muller.SQRT_HALF
+    m = m * _TWO if low else m
+    e = e - _ONE if low else e
+    f = m - _ONE
+    s = f / (f + _TWO)
+    ln_x = e * box_muller.LN2 + s * _horner(s * s, box_muller.LN)
+    radius = np.sqrt(ln_x * _MINUS_TWO) * scale
+    quarter = angle_bits >> np.uint64(22)  # floor(4 u)
+    t = np.float32(angle_bits & np.uint64(0x3FFFFF)) * _QUARTER_UNIT * box_muller.HALF_PI  # 4 u - quarter, then * pi/2
+    z = t * t
+    sin, cos = t * _horner(z, box_muller.SIN), _horner(z, box_muller.COS)
+    odd, back = (quarter & np.uint64(1)) != 0, (quarter & np.uint64(2)) != 0
+    first = -sin if odd else cos
+    second = cos if odd else sin
+    first = -first if back else first
+    second = -second if back else second
+    return first * radius, second * radius
 
 
 @numba.njit(cache=True, parallel=True)
-def _write_normal(weights: np.ndarray, rows: np.ndarray, radius: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                  scale: np.float32) -> None:
+def _write_normal(weights: np.ndarray, rows: np.ndarray, keys: np.ndarray, seed: np.int64, scale: np.float32) -> None:
     dim = weights.shape[1]
+    pairs = (dim + 1) // 2
     for i in numba.prange(rows.shape[0]):
+        low, high = _key_seed(keys[i], seed)
         row = rows[i]
-        for p in range(radius.shape[1]):
-            r = radius[i, p] * scale
-            weights[row, 2 * p] = cos[i, p] * r
+        for p in range(pairs):
+            first, second = _normal_pair(_uniform_bits(low, high, 2 * p), _uniform_bits(low, high, 2 * p + 1), scale)
+            weights[row, 2 * p] = first
             if 2 * p + 1 < dim:
-                weights[row, 2 * p + 1] = sin[i, p] * r
+                weights[row, 2 * p + 1] = second
 
 
 @numba.njit(cache=True, parallel=True)
@@ -547,20 +612,10 @@ def _write_uniform(weights: np.ndarray, rows: np.ndarray, keys: np.ndarray, seed
 
 
 def write_normal_rows(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, seed: int, scale: float) -> None:
-    """weights[rows] = the initializer's normal rows of `keys`, bit for bit (`initial_rows`).
-
-    The integer hashing, the float32 adds and multiplies and the writes into the rows are
-    compiled; log, sqrt, cos and sin stay torch's own (vectorised, and not the C library's:
-    their last bits differ; torch's sqrt is not always numpy's either), each one pass over a
-    contiguous (n, dim / 2) buffer."""
-    pairs = (weights.shape[1] + 1) // 2
-    radius = torch.empty(keys.numel(), pairs, dtype=torch.float32)
-    angle = torch.empty(keys.numel(), pairs, dtype=torch.float32)
-    _normal_inputs(keys.numpy(), np.int64(seed), radius.numpy(), angle.numpy())
-    radius.log_().mul_(-2.0).sqrt_()
-    cos = torch.cos(angle)
-    _write_normal(weights.numpy(), rows.numpy(), radius.numpy(), cos.numpy(), angle.sin_().numpy(),
-                  np.float32(scale))
+    """weights[rows] = the initializer's normal rows of `keys`, bit for bit (`initial_rows`):
+    hashing, uniforms and Box-Muller (`box_muller`: no library log, cos or sin) in one pass that
+    writes each row where it goes."""
+    _write_normal(weights.numpy(), rows.numpy(), keys.numpy(), np.int64(seed), np.float32(scale))
 
 
 def write_uniform_rows(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, seed: int, scale: float) -> None:
