@@ -17,7 +17,11 @@ design.) Measured:
 
 - eval: lookup of existing keys only, as key -> row ("index") and key -> embedding ("embed");
 - train, full: admit + insert + lookup + gather + sparse update (a fixed gradient stands in for
-  the backward pass) + expiry every 10 batches, over the whole stream from an empty table;
+  the backward pass) + expiry every 10 batches, over the whole stream from an empty table; the
+  faster of two passes, each by a fresh system (all three alike): the first writes to memory
+  of a pass cost 0 to 900 page faults per batch from one process to the next here (which pages
+  a dropped store's memory hands on, and whether the kernel has huge pages free), and one slow
+  pass in a noisy neighbourhood says little about the system;
 - train, index side: the same without gather and update (MCH: profile + remap + evict), which is
   where the systems differ and what MCH's own train figure measures;
 - the embedding side alone: gather + torch.unique + the shared Adagrad step on each batch's rows,
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import math
 import os
@@ -76,6 +81,7 @@ DIM = 64
 MIN_COUNT = 2
 TTL_S = 30
 EXPIRE_EVERY = 10
+TRAIN_REPEATS = 2
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"eval_vs_mch": 5.0, "train_vs_mch": 20.0, "overhead_bytes_per_row": 24.0, "incremental_vs_full": 0.05}
 
@@ -266,6 +272,24 @@ def time_train(system: Any, stream: list[torch.Tensor], grads: torch.Tensor | No
     return sum(k.numel() for k in stream) / wall / 1e6, cpu / len(stream) * 1e3, faults / len(stream)
 
 
+def best_train_pass(factory: Any, stream: list[torch.Tensor], grads: torch.Tensor, log: Any
+                    ) -> tuple[Any, tuple[float, float, float]]:
+    """The fastest of TRAIN_REPEATS full train passes, each by a fresh system from an empty table
+    (after a garbage collection, so a dropped system's memory is free before the next is
+    built); returns that system (trained, for the eval lookups) and its `time_train` figures."""
+    best: tuple[Any, tuple[float, float, float]] | None = None
+    for _ in range(TRAIN_REPEATS):
+        gc.collect()
+        system = factory()
+        print(f"train: {system.name} ...", file=log)
+        figures = time_train(system, stream, grads)
+        if best is None or figures[0] > best[1][0]:
+            best = (system, figures)
+        del system
+    assert best is not None
+    return best
+
+
 def time_embedding_side(stream: list[torch.Tensor], grads: torch.Tensor, rows: int) -> float:
     """M keys/s of the embedding side alone (gather, deduplication, compiled Adagrad step), on
     each batch's keys mapped to rows 0..distinct-1 (the mapping is made before timing)."""
@@ -346,13 +370,14 @@ def run(plan: Plan, quick: bool, log: Any) -> dict[str, Any]:
         index_only = factory()
         print(f"train (index side): {index_only.name} ...", file=log)
         throughput[index_only.name] = {"train_index": time_train(index_only, stream, None)[0]}
-    systems = [factory() for factory in factories]
+    systems = []
     train_cpu_ms: dict[str, float] = {}
     train_faults: dict[str, float] = {}
-    for system in systems:
-        print(f"train: {system.name} ...", file=log)
-        throughput[system.name]["train"], train_cpu_ms[system.name], train_faults[system.name] = time_train(
-            system, stream, grads)
+    for factory in factories:
+        system, (throughput_best, cpu_ms, faults) = best_train_pass(factory, stream, grads, log)
+        systems.append(system)
+        throughput[system.name]["train"], train_cpu_ms[system.name], train_faults[system.name] = (
+            throughput_best, cpu_ms, faults)
     print("embedding side alone ...", file=log)
     embedding_side = time_embedding_side(stream, grads, distinct + 1)
     eval_batches = existing_key_batches(systems, stream, count=min(12, plan.batches))
@@ -386,7 +411,7 @@ def run(plan: Plan, quick: bool, log: Any) -> dict[str, Any]:
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_threads": torch.get_num_threads(),
-        "quick": quick,
+        "quick": quick, "train_repeats": TRAIN_REPEATS,
         "stream": {"batches": plan.batches, "batch": BATCH, "keys": all_keys.numel(), "distinct_keys": distinct,
                    "zipf_exponent": plan.exponent, "universe": plan.universe, "dim": DIM},
         "throughput_mkeys_s": throughput,
