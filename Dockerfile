@@ -52,6 +52,16 @@ RUN python -m liverec.platform.protogen \
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
+# tcmalloc for every process. Under glibc's malloc the trainer's per-step temporaries (logits over
+# the catalog, attention: 17-34 MB, a different size each step) fragment the heap: 3.5 GB resident
+# after one pass over ml-100k, all but ~0.5 GB of it free; tcmalloc held that pass at 0.9 GB and
+# ran it 17% faster (liverec/platform/heap.py; trainer.heap_trim_growth_mb is glibc's fallback).
+# Linked at one path whatever the architecture; reports of large allocations silenced (the
+# store's columns and checkpoints are legitimately GBs).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libtcmalloc-minimal4=2.10-1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && ln -s "$(echo /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4)" /usr/local/lib/libtcmalloc_minimal.so.4
 RUN groupadd --system --gid 10001 liverec \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin liverec
@@ -64,7 +74,9 @@ ENV PATH=/opt/liverec/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
     NUMBA_CACHE_DIR=/tmp/numba \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4 \
+    TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776
 WORKDIR /tmp
 USER 10001:10001
 # gRPC (serving.port), trainer metrics (trainer.metrics_port), serving metrics (serving.metrics_port)

@@ -63,6 +63,7 @@ from liverec.model.metrics import summarize, target_ranks
 from liverec.model.recommender import SequentialRecommender, TrainBatch
 from liverec.platform.config import LiverecConfig
 from liverec.platform.datasets import EventTable, UserSequences, load_dataset
+from liverec.platform.heap import HeapTrimmer
 from liverec.platform.replay import rebase_times
 from liverec.trainer.decode import EventBatch
 from liverec.trainer.history import HistoryStore
@@ -344,10 +345,12 @@ def train_online(train: EventTable, config: LiverecConfig, seed: int, workdir: P
     history = HistoryStore(workdir / "history", config.model.encoder.max_len)
     learner = OnlineLearner.from_config(config, StoreItemTable(store), history, seed=seed)
     sums = np.zeros(5)
+    heap = HeapTrimmer(tc.heap_trim_growth_mb << 20)
     try:
         for start in range(0, len(train), tc.batch_events):
             stop = min(start + tc.batch_events, len(train))
             r = learner.step(event_batch(train, start, stop))
+            heap.maybe_trim()
             sums += (r.scored, r.hits, r.ndcg_sum, r.pop_hits, r.pop_ndcg_sum)
             if start // tc.expire_every_events != stop // tc.expire_every_events:  # as the worker does
                 store.expire(int(train.event_time_ms[stop - 1]) // 1000)

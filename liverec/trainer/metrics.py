@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+
+from liverec.platform.heap import resident_bytes
 
 BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -54,6 +62,11 @@ class TrainerMetrics:
         self.codec_loss = Gauge("liverec_trainer_codec_loss",
                                 "Auxiliary (distillation) loss of the learned state codec, last micro-batch.",
                                 registry=r)
+        self.heap_released = Counter("liverec_trainer_heap_released_bytes",
+                                     "Free heap memory handed back to the OS (malloc_trim).", registry=r)
+        self.resident = Gauge("liverec_trainer_resident_bytes", "Resident set size of the trainer process.",
+                              registry=r)
+        self.resident.set_function(resident_bytes)
         self.model_version = Gauge("liverec_trainer_model_version", "Dense model version (batches applied).",
                                    registry=r)
         self._last_checkpoint_time = time.time()

@@ -51,6 +51,7 @@ from liverec.model.codecs.record import record_for
 from liverec.model.codecs.registry import codec_from_config
 from liverec.model.encoder import KVCache
 from liverec.platform.config import ConfigError, LiverecConfig
+from liverec.platform.heap import HeapTrimmer
 from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
 from liverec.trainer.checkpoint import CheckpointManager
 from liverec.trainer.codec_training import CodecTrainer
@@ -151,6 +152,7 @@ class TrainerWorker:
         self.state_dir = Path(tc.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = TrainerMetrics()
+        self.heap_trimmer = HeapTrimmer(tc.heap_trim_growth_mb << 20)
         self.checkpoints = CheckpointManager(self.state_dir, tc.checkpoints_kept)
         # The history keeps exactly what the model can attend to: its training window.
         self.history = HistoryStore(self.state_dir / "history", config.model.encoder.max_len)
@@ -349,6 +351,9 @@ class TrainerWorker:
                 self._send_publish_slice()
                 self._reencode_owed_slice()
                 self._update_lag()
+                released = self.heap_trimmer.maybe_trim()
+                if released:
+                    self.metrics.heap_released.inc(released)
         finally:
             try:
                 self._collect_learning(wait=True)

@@ -77,6 +77,19 @@ def test_runtime_stage_is_non_root_and_carries_only_the_venv() -> None:
     assert exposed == {50051, 9400, 9401}
 
 
+def test_runtime_preloads_a_pinned_tcmalloc_at_the_path_it_links() -> None:
+    runtime = instructions("runtime")
+    runs = " ".join(rest for word, rest in runtime if word == "RUN")
+    assert re.search(r"apt-get install -y --no-install-recommends libtcmalloc-minimal4=\d[\w.+~-]*", runs)
+    link = re.search(r'ln -s "\$\(echo (\S+)\)" (\S+)', runs)
+    assert link and link.group(1).endswith("/libtcmalloc_minimal.so.4")
+    env = " ".join(rest for word, rest in runtime if word == "ENV")
+    assert f"LD_PRELOAD={link.group(2)}" in env.split()
+    # Installed before the switch to the unprivileged user, which could not run apt.
+    words = [word for word, _ in runtime]
+    assert max(i for i, w in enumerate(words) if w == "RUN") < words.index("USER")
+
+
 def _glob(pattern: str) -> str:
     out, i = "", 0
     while i < len(pattern):

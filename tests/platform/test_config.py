@@ -50,6 +50,7 @@ def test_unknown_section_names_the_field(tmp_path: Path) -> None:
         ("topics:\n  events: 'bad topic!'\n", "topics.events", "invalid Kafka topic name"),
         ("kafka:\n  heartbeat_interval_ms: 9000\n", "kafka.heartbeat_interval_ms", "below session_timeout_ms"),
         ("kafka: 5\n", "kafka", "expected a table"),
+        ("trainer:\n  heap_trim_growth_mb: -1\n", "trainer.heap_trim_growth_mb", "must be >= 0"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, text: str, field: str, fragment: str) -> None:
