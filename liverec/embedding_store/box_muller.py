@@ -2,12 +2,12 @@
 
 Why not torch.log / cos / sin: every math library rounds the last bit its own way (torch's
 vectorised CPU functions, CUDA's, the C library numba calls), so a new row's initial weights
-differed by an ulp between CPU and CUDA, and the compiled CPU kernel had to hand the
-transcendental part back to torch (five passes over a buffer, a sixth of the CPU train step's
-index side). The operations used here are correctly rounded in IEEE float32 on every device and
-are never fused (the square root is made so: `rounded_sqrt`), so `normal_pairs` (torch ops, any
-device) and the compiled kernel
-(`cpu_step.write_normal_rows`, which follows the same steps) give the same bits.
+could differ by an ulp between CPU and CUDA, and the compiled CPU kernel had to hand the
+transcendental part back to torch (five passes over a buffer: about 0.6 ms of the ~7 ms index
+side of a 65,536-key CPU train step). The operations used here are correctly rounded in IEEE
+float32 on every device and are never fused (the square root is made so: `rounded_sqrt`), so
+`normal_pairs` (torch ops, any device) and the compiled kernel (`cpu_step.write_normal_rows`,
+which follows the same steps) give the same bits.
 
 For u0, u1 in [0, 1) multiples of 2**-24, the pair is r (cos a, sin a) with r = sqrt(-2 ln(u0 +
 2**-24)) and a = 2 pi u1:

@@ -1,15 +1,19 @@
 """Handing freed heap memory back to the operating system, which glibc's malloc otherwise keeps.
 
-Why: the trainer's resident memory grew by ~16 MB per micro-batch on ml-100k (1.0 GB to 3.4 GB in
-one pass over 100,000 events; a ten-seed `liverec evaluate` settled at 6.8 GB), past the dev
-overlay's 3 GiB limit, yet the tensors alive stayed at ~6 MB: it was free memory inside the
-heap. Once glibc's dynamic mmap threshold has risen past the step's 4-16 MB temporaries they are
-carved from the heap, and the holes they leave are not reused for the next step's; `malloc_trim`
-returned 2.2 GB of 2.7 at once. Two other cures were measured and not taken: a fixed 4 MB mmap
-threshold held the pass at 1.0 GB but made it 35% slower (every such tensor then pays its page
-faults, 1-18 us each on the 2-core VM); limiting glibc's arenas changed nothing. A trim every
-few seconds cost nothing measurable: the pages it releases are the ones the heap's growth would
-have faulted in anyway.
+Why: under glibc's malloc the trainer's resident memory climbed from 1.0 GB to 3.5 GB in one pass
+over ml-100k (`liverec evaluate`'s online pass; a ten-seed run settled at 6.8 GB), past the dev
+overlay's 3 GiB limit, while the tensors alive stayed at ~6 MB: it was free memory inside the
+heap. A step allocates and frees a few hundred MB of temporaries, the largest 17-34 MB (logits
+over the catalog, attention), of sizes that change with every step; once glibc's dynamic mmap
+threshold has risen past them they are carved from the heap, whose holes the next step's do not
+fit. `malloc_trim` returned 2.2 GB of 2.7 at once.
+
+The cure the container image uses is another allocator: tcmalloc held the same pass at 0.9 GB and
+ran it in 76 s instead of 92 (the Dockerfile preloads it). For a process on glibc's malloc,
+`HeapTrimmer` trims whenever resident memory has grown by a bound since the last trim: at 1 GB
+the pass peaked at 1.8 GB and took 103 s (each trim's pages are faulted in again by the steps
+after it, 1-18 us a page on the 2-core VM); at 512 MB, 1.5 GB and 113 s. Also measured and not
+taken: a fixed 4 MB mmap threshold (1.0 GB, 124 s); fewer arenas (no change).
 
 `malloc_trim` exists in glibc only; elsewhere (musl, macOS) `trim` does nothing and says so by
 returning None. It is safe from any thread: it takes each arena's lock in turn.

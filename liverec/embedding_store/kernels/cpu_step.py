@@ -563,7 +563,7 @@ def _normal_pair(radius_bits: np.uint64, angle_bits: np.uint64, scale: np.float3
     """`box_muller.normal_pairs` of the uniforms radius_bits * 2**-24 and angle_bits * 2**-24,
     step for step: the same float32 operations in the same order, so the same bits. frexp and
     the quarter turn come from the integers (exactly what the float operations give), so the
-    loop has no calls and no branches."""
+    loop calls no library function."""
     n = radius_bits + np.uint64(1)  # u + 2**-24 = n * 2**-24, n in [1, 2**24]
     width = np.uint64(64) - _leading_zeros(n)  # n = m * 2**width, m in [1/2, 1)
     m = np.float32(n << (np.uint64(25) - width)) * _HALF_UNIT  # exact: n's bits, scaled by 2**-width
