@@ -225,10 +225,11 @@ def test_a_restart_keeps_the_checkpoints_item_table_settings_and_says_so(config,
 
 def test_metrics_endpoint_exports_the_trainer_series(config, ml100k, tmp_path) -> None:
     publish_ml100k(config, ml100k, 500)
-    worker = TrainerWorker(small(config, tmp_path / "state", heap_trim_growth_mb=1))
+    worker = TrainerWorker(small(config, tmp_path / "state", heap_trim_growth_mb=16))
+    ballast = np.ones(8 << 20)  # 64 MB resident since the worker was built: past its growth bound
     worker.run(idle_exit_s=2)
     body = urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).read().decode()
-    assert worker.heap_trimmer.trims >= 1  # resident memory grew by more than 1 MB while it trained
+    assert worker.heap_trimmer.trims >= 1 and ballast.sum() == 8 << 20
     resident = next(line for line in body.splitlines() if line.startswith("liverec_trainer_resident_bytes "))
     assert float(resident.split()[1]) > 50e6
     for name in ("liverec_trainer_events_consumed_total 500.0", "liverec_trainer_events_applied_total 500.0",
