@@ -145,7 +145,7 @@ def test_dashboard_structure() -> None:
                    "liverec_store_stat", "liverec_trainer_checkpoint_age_seconds", "liverec_trainer_model_version",
                    "liverec_serving_params_version", "liverec_serving_request_seconds_bucket",
                    "liverec_serving_state_staleness_seconds_bucket", "liverec_serving_queue_depth",
-                   "liverec_serving_ready"):
+                   "liverec_serving_ready", "liverec_trainer_resident_bytes"):
         assert needed in names, needed
 
 
