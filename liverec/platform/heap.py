@@ -65,7 +65,8 @@ def trim() -> int | None:
 
 class HeapTrimmer:
     """`trim` whenever resident memory has grown by more than `growth_bytes` since the last trim
-    (or since start; 0: never), for a process's main loop; keeps the total released. Bounding
+    (or since start; 0: never), for a process's main loop, after each unit of work; counts its
+    trims. Bounding
     the growth, not the time between trims, holds the same bound whatever a step allocates and
     however fast steps come, and trims no more often than that needs (each trim's pages are
     faulted in again by the steps after it)."""
@@ -75,7 +76,6 @@ class HeapTrimmer:
             raise ValueError(f"growth_bytes must be >= 0, got {growth_bytes}")
         self.growth_bytes = growth_bytes
         self.resident = resident
-        self.released_bytes = 0
         self.trims = 0
         self._base = resident()
 
@@ -88,5 +88,4 @@ class HeapTrimmer:
         self._base = self.resident()
         if released is not None:
             self.trims += 1
-            self.released_bytes += released
         return released

@@ -351,9 +351,6 @@ class TrainerWorker:
                 self._send_publish_slice()
                 self._reencode_owed_slice()
                 self._update_lag()
-                released = self.heap_trimmer.maybe_trim()
-                if released:
-                    self.metrics.heap_released.inc(released)
         finally:
             try:
                 self._collect_learning(wait=True)
@@ -491,6 +488,9 @@ class TrainerWorker:
         m.consumed.inc(len(records))
         m.applied.inc(len(batch))
         self._record_prequential(result)
+        released = self.heap_trimmer.maybe_trim()  # a step is what grows the heap: check after each one
+        if released:
+            self.metrics.heap_released.inc(released)
         if len(batch):
             if not math.isnan(result.loss):
                 m.loss.set(result.loss)
