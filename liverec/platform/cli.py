@@ -114,8 +114,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from liverec.trainer.progress import TrainingProgress
     from liverec.trainer.worker import TrainerWorker
 
+    from liverec.trainer.state_dir import StateDirInUse
+
     stop = _stop_event_on_signals()
-    worker = TrainerWorker(_trainer_config(args), stop=stop)
+    try:
+        worker = TrainerWorker(_trainer_config(args), stop=stop)
+    except StateDirInUse as exc:
+        print(f"liverec train: {exc}", file=sys.stderr)
+        return 1
     with TrainingProgress(worker, enabled=not args.quiet):
         counters = worker.run(max_events=args.max_events, idle_exit_s=args.idle_exit)
     print(json.dumps({"consumed": counters.consumed, "applied": counters.applied,

@@ -9,7 +9,8 @@ A checkpoint is a directory `checkpoints/NNNNNNNN/` holding
 - `MANIFEST.json`, written last: sizes and sha256 of every file, and the store checkpoint name.
 
 It is written under `.tmp-NNNNNNNN-<pid>`, fsynced, then renamed into place, so a crash at any
-moment leaves either the complete new checkpoint or none. On start, checkpoints are tried newest
+moment leaves either the complete new checkpoint or none (and a `.tmp-` directory, which the
+next trainer to start removes). On start, checkpoints are tried newest
 first; one that fails verification (a missing or corrupt file, a broken store chain) is skipped
 with a warning and the previous complete one is used. Offsets live in the checkpoint, so the
 consumer resumes at exactly the first event the restored state has not learned from: nothing
@@ -94,6 +95,19 @@ class CheckpointManager:
 
     def names(self) -> list[str]:
         return sorted(n for n in os.listdir(self.root) if _NAME.match(n))
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete the `.tmp-` directories of checkpoint writes a crash cut off, trainer's and
+        store's alike, and return them. They are never read, but nothing else would ever remove
+        them, and one can be as large as a full store checkpoint. Only while holding the state
+        directory (`StateDirLock`): then no other process can be writing one."""
+        removed = []
+        for root in (self.root, self.store_root):
+            for entry in sorted(root.iterdir()):
+                if entry.name.startswith(".tmp-"):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+        return removed
 
     def save(self, state: dict[str, Any], store: EmbeddingStore, history_checkpoint: Any) -> Path:
         """Write a complete checkpoint; `history_checkpoint(dest)` copies the history store to dest."""

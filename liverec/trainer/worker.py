@@ -63,6 +63,7 @@ from liverec.trainer.learner import OnlineLearner, StepResult
 from liverec.trainer.metrics import TrainerMetrics
 from liverec.trainer.publish import ParamPublisher
 from liverec.trainer.state import StateWriter
+from liverec.trainer.state_dir import StateDirLock
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,14 @@ class TrainerWorker:
         self.stop = stop or threading.Event()
         self.state_dir = Path(tc.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir_lock = StateDirLock(self.state_dir)  # before anything in it is read or written
         self.metrics = TrainerMetrics()
         self.heap_trimmer = HeapTrimmer(tc.heap_trim_growth_mb << 20)
         self.checkpoints = CheckpointManager(self.state_dir, tc.checkpoints_kept)
+        leftovers = self.checkpoints.remove_leftovers()
+        if leftovers:
+            log.warning("removed the leftovers of interrupted checkpoint writes",
+                        extra={"paths": [str(p) for p in leftovers]})
         # The history keeps exactly what the model can attend to: its training window.
         self.history = HistoryStore(self.state_dir / "history", config.model.encoder.max_len)
         restored = self.checkpoints.restore_latest()
@@ -163,6 +169,7 @@ class TrainerWorker:
                 kept = check_restored_item_table(store.table(ITEM_TABLE).config, item_table_config(config))
             except ConfigError:
                 self.history.close()
+                self.state_dir_lock.release()
                 raise
             if kept:
                 log.warning("restored item table keeps its own settings (start from a fresh state_dir to change "
@@ -730,6 +737,7 @@ class TrainerWorker:
             self.consumer.close()
             self.history.close()
             self._learner_thread.shutdown()
+            self.state_dir_lock.release()
 
     def online_metrics(self) -> dict[str, float]:
         c = self.counters

@@ -76,6 +76,7 @@ def run_with_kills(cli_env: dict[str, str], state_dir: Path, seed: int, *extra: 
     done = subprocess.run(train_cmd(state_dir, "--idle-exit", "4", *extra), env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(state_dir.rglob(".tmp-*"))  # what a kill inside a checkpoint write left is gone
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -117,6 +118,39 @@ def test_default_mode_applies_every_event_exactly_once_across_kills(config, cli_
     items, item_counts = np.unique(table.item_id[:RECOVERY_EVENTS], return_counts=True)
     assert dict(zip(keys.tolist(), restored.store.frequency(ITEM_TABLE, keys).tolist())) == \
         dict(zip(items.tolist(), item_counts.tolist()))
+
+
+def test_train_refuses_a_state_dir_another_trainer_holds_and_clears_a_crashs_leftovers(config, cli_env, ml100k,
+                                                                                        tmp_path) -> None:
+    publish_ml100k(config, ml100k, 600)
+    env, state_dir = {**cli_env, **SMALL_MODEL}, tmp_path / "state"
+    first = subprocess.Popen(train_cmd(state_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert first.stderr is not None
+        for line in first.stderr:  # running, and it has checkpointed: a trainer with state to protect
+            if '"msg": "checkpoint"' in line:
+                break
+        second = subprocess.run(train_cmd(state_dir, "--idle-exit", "1"), env=env, capture_output=True, text=True,
+                                timeout=120, check=False)
+        assert second.returncode == 1
+        assert f"is in use by another trainer (pid {first.pid} on " in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # What a crash in the middle of checkpoint writes leaves (written here as such: a kill -9 lands
+    # inside one only by chance): a trainer's and a store's temporary directory, never renamed.
+    torn = [state_dir / "checkpoints" / ".tmp-00000099-4242", state_dir / "store" / ".tmp-00000099-full-0a1b2c"]
+    for path in torn:
+        path.mkdir()
+        (path / "data.bin").write_bytes(b"\0" * 4096)
+    done = subprocess.run(train_cmd(state_dir, "--idle-exit", "2"), env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["applied"] == 600
+    assert not any(path.exists() for path in torn)
+    assert "removed the leftovers of interrupted checkpoint writes" in done.stderr
 
 
 def bad_records() -> dict[str, list[bytes]]:
