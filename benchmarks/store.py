@@ -31,7 +31,9 @@ design.) Measured:
   side, even with an index side that cost nothing;
 - liverec's own split: the time of its gather and gradient step, measured inside its fastest
   full pass, against the rest of that pass (its index side), and so what MCH's time over 20
-  leaves the index side once that embedding side is paid;
+  leaves the index side once that embedding side is paid; and one more pass with each stage of
+  the store's train path timed (deduplication and probes, sketch, inserts and rehash, initial
+  rows, gather, gradient step, expiry...), where the time goes;
 - CPU time and page faults per batch of each full train pass (all threads of the process): on
   a shared 2-core box the wall-clock ratio moves with how many cores the other processes leave
   free, and the ratio of CPU times says what the work itself costs. A first write to a page
@@ -68,6 +70,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +80,8 @@ import numpy as np
 import torch
 
 from liverec.embedding_store import EmbeddingStore, TableConfig, checkpoint
+from liverec.embedding_store import table as table_module
+from liverec.embedding_store.hash_index import HashIndex
 from liverec.embedding_store.hashing import splitmix64
 from liverec.embedding_store.kernels import cpu_step
 
@@ -264,6 +270,65 @@ class DictSystem:
 
 # --------------------------------------------------------------------------- measurements
 
+# The store's CPU train-path stages, as (label, owner, attribute): each is timed by wrapping that
+# function for one extra pass. Nested: rehash runs inside inserts, and every index-side stage
+# inside lookup, whose remainder is the lookup's own glue (checks, counters, change log).
+STAGES = (
+    ("dedup_and_probes", cpu_step, "dedup_find"),
+    ("sketch_and_candidates", cpu_step, "admission_candidates"),
+    ("inserts_with_rehash", HashIndex, "insert_missed"),
+    ("rehash", HashIndex, "rehash"),
+    ("row_capacity_growth", table_module.Table, "_ensure_row_capacity"),
+    ("initial_rows", table_module, "write_initial_rows"),
+    ("new_rows_metadata", cpu_step, "new_row_metadata"),
+    ("lookup", table_module.Table, "lookup"),
+    ("gather", table_module.Table, "gather"),
+    ("gradient_step", table_module.Table, "apply_gradients"),
+    ("expiry", table_module.Table, "expire"),
+)
+
+
+@contextmanager
+def stage_timers() -> Iterator[dict[str, float]]:
+    """While open, the functions of STAGES add their wall seconds to the yielded dict."""
+    seconds = dict.fromkeys((label for label, _, _ in STAGES), 0.0)
+    originals = [(owner, name, getattr(owner, name)) for _, owner, name in STAGES]
+
+    def timed(label: str, function: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - start
+        return wrapper
+
+    for (label, _, _), (owner, name, function) in zip(STAGES, originals):
+        setattr(owner, name, timed(label, function))
+    try:
+        yield seconds
+    finally:
+        for owner, name, function in originals:
+            setattr(owner, name, function)
+
+
+def stage_profile(stream: list[torch.Tensor], grads: torch.Tensor) -> dict[str, float]:
+    """ms per batch of each stage of one full liverec train pass (a fresh store, after the timed
+    ones), with the pass's wall time and the lookup's remainder outside the named stages."""
+    gc.collect()
+    system = LiverecSystem()
+    with stage_timers() as seconds:
+        start = time.perf_counter()
+        for now, keys in enumerate(stream, start=1):
+            system.train_step(keys, grads, now)
+        wall = time.perf_counter() - start
+    ms = {label: s / len(stream) * 1e3 for label, s in seconds.items()}
+    inside = ("dedup_and_probes", "sketch_and_candidates", "inserts_with_rehash", "row_capacity_growth",
+              "initial_rows", "new_rows_metadata")
+    ms["lookup_other"] = ms["lookup"] - sum(ms[k] for k in inside)
+    ms["pass_wall"] = wall / len(stream) * 1e3
+    return ms
+
 
 def time_train(system: Any, stream: list[torch.Tensor], grads: torch.Tensor | None) -> tuple[float, float, float]:
     """(M keys/s, CPU ms per batch, page faults per batch) of the train path over the whole
@@ -399,6 +464,8 @@ def run(plan: Plan, quick: bool, log: Any) -> dict[str, Any]:
     print("embedding side alone ...", file=log)
     embedding_side = time_embedding_side(stream, grads, distinct + 1)
     split = train_split(systems[0], throughput["liverec"]["train"], throughput["torchrec_mch"]["train"], plan.batches)
+    print("stage profile: liverec ...", file=log)
+    stages = stage_profile(stream, grads)
     eval_batches = existing_key_batches(systems, stream, count=min(12, plan.batches))
     for system in systems:
         print(f"eval: {system.name} ...", file=log)
@@ -438,6 +505,7 @@ def run(plan: Plan, quick: bool, log: Any) -> dict[str, Any]:
         "train_cpu_ms_per_batch": train_cpu_ms,
         "train_page_faults_per_batch": train_faults,
         "liverec_train_split_ms_per_batch": split,
+        "liverec_train_stages_ms_per_batch": stages,
         "ratios": {
             "eval_index_vs_mch": ours["index"] / mch["index"], "eval_embed_vs_mch": ours["embed"] / mch["embed"],
             "train_vs_mch": ours["train"] / mch["train"], "train_index_vs_mch": ours["train_index"] / mch["train_index"],
@@ -460,7 +528,7 @@ def run(plan: Plan, quick: bool, log: Any) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     t, r, b, c = result["throughput_mkeys_s"], result["ratios"], result["bytes_per_row"], result["checkpoint"]
-    sp = result["liverec_train_split_ms_per_batch"]
+    sp, st = result["liverec_train_split_ms_per_batch"], result["liverec_train_stages_ms_per_batch"]
     s = result["stream"]
     lines = [
         f"store benchmark  {result['date']}  {result['machine']['node']} ({result['machine']['cpus']} CPUs, "
@@ -492,6 +560,12 @@ def table(result: dict[str, Any]) -> str:
         f"{sp['embedding_side']:.2f} (gather + its Adagrad step, reusing the lookup's deduplication) -> at most "
         f"{r['train_vs_mch_ceiling_own_embedding_side']:.1f}x MCH's {sp['mch_train_full']:.1f} ms with this embedding "
         f"side; {TARGETS['train_vs_mch']:.0f}x leaves its index side {sp['index_side_budget_for_target']:.2f} ms",
+        f"liverec stages, ms per batch (one more pass, {st['pass_wall']:.2f} ms, each stage timed): dedup + probes "
+        f"{st['dedup_and_probes']:.2f}, sketch + candidates {st['sketch_and_candidates']:.2f}, inserts "
+        f"{st['inserts_with_rehash']:.2f} (rehash {st['rehash']:.2f}), row growth {st['row_capacity_growth']:.2f}, "
+        f"initial rows {st['initial_rows']:.2f}, new rows' metadata {st['new_rows_metadata']:.2f}, rest of lookup "
+        f"{st['lookup_other']:.2f}; gather {st['gather']:.2f}, gradient step {st['gradient_step']:.2f}, expiry "
+        f"{st['expiry']:.2f}",
         "",
         *(
             f"bytes/row beyond weights+optimizer, {label} ({b[key]['rows']:,}): key {b[key]['key']:.1f} + last update "
