@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,3 +55,13 @@ def ml100k() -> Path:
     """The MovieLens 100K directory beside the repository (never copied into it)."""
     assert (ML100K / "ml-100k.inter").is_file(), f"ml-100k not found under {DATA_DIR}; set LIVEREC_DATA_DIR"
     return ML100K
+
+
+def assert_refused_beside(holder: subprocess.Popen, cmd: list[str], env: dict[str, str], field: str, state_dir: Path,
+                          owner: str) -> None:
+    """`cmd`, started beside `holder` on the same state directory, exits 1 at once with a message
+    naming the field, the directory and the holder's pid, and no traceback."""
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert f"{field} {state_dir} is in use by another {owner} process (pid {holder.pid} on " in second.stderr
+    assert "Traceback" not in second.stderr

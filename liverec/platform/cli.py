@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from liverec.trainer.progress import TrainingProgress
     from liverec.trainer.worker import TrainerWorker
 
-    from liverec.trainer.state_dir import StateDirInUse
+    from liverec.platform.state_dir import StateDirInUse
 
     stop = _stop_event_on_signals()
     try:

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from liverec.model.codecs.base import StateCodec
 from liverec.model.codecs.registry import codec_from_config
 from liverec.platform.config import LiverecConfig
+from liverec.platform.state_dir import StateDirInUse
 from liverec.serving.backend import Answer, ModelSnapshot, Query, Scorer
 from liverec.serving.replica import Replica, resolve_device
 from liverec.serving.service import build_server, serve_until_signalled
@@ -81,7 +82,11 @@ def run_serve(config: LiverecConfig, worker: int | None = None) -> int:
         # more than it saves (~200 µs per op with 16 threads on the H200 host).
         torch.set_num_threads(1)
     registry = CollectorRegistry()
-    replica, backend = build_replica(config, registry)
+    try:
+        replica, backend = build_replica(config, registry)
+    except StateDirInUse as exc:
+        print(f"liverec serve: {exc}", file=sys.stderr)
+        return 1
     server, port = build_server(config.serving, backend, registry)
     replica.start()
     server.start()

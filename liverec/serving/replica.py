@@ -31,6 +31,7 @@ from rocksdict import Options, Rdict, WriteBatch
 
 from liverec.platform.config import LiverecConfig
 from liverec.platform.kafka import make_consumer
+from liverec.platform.state_dir import StateDirLock
 from liverec.serving.backend import ModelSnapshot, UserState
 from liverec.serving.params import ParamsMaterializer, ParamsVersion
 from liverec.serving.states import pack
@@ -72,6 +73,7 @@ class Replica:
         self.on_codec_params = on_codec_params
         path = Path(config.serving.state_dir) / "replica"
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.state_dir_lock = StateDirLock(path.parent, owner="serving", field="serving.state_dir")
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         options.create_missing_column_families(True)
@@ -173,6 +175,7 @@ class Replica:
         for family in (self._state, self._meta, self._rows):  # each handle holds the DB open
             family.close()
         self._db.close()
+        self.state_dir_lock.release()
 
     def _run(self, topic: str) -> None:
         consumer = make_consumer(self.config.kafka, group_id=None)

@@ -100,7 +100,7 @@ class CheckpointManager:
         """Delete the `.tmp-` directories of checkpoint writes a crash cut off, trainer's and
         store's alike, and return them. They are never read, but nothing else would ever remove
         them, and one can be as large as a full store checkpoint. Only while holding the state
-        directory (`StateDirLock`): then no other process can be writing one."""
+        directory (`StateDirLock`, liverec.platform.state_dir): no other process is writing one."""
         removed = []
         for root in (self.root, self.store_root):
             for entry in sorted(root.iterdir()):

@@ -53,6 +53,7 @@ from liverec.model.encoder import KVCache
 from liverec.platform.config import ConfigError, LiverecConfig
 from liverec.platform.heap import HeapTrimmer
 from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
+from liverec.platform.state_dir import StateDirLock
 from liverec.trainer.checkpoint import CheckpointManager
 from liverec.trainer.codec_training import CodecTrainer
 from liverec.trainer.decode import EventBatch, Rejected, concat_batches, decode_records
@@ -63,7 +64,6 @@ from liverec.trainer.learner import OnlineLearner, StepResult
 from liverec.trainer.metrics import TrainerMetrics
 from liverec.trainer.publish import ParamPublisher
 from liverec.trainer.state import StateWriter
-from liverec.trainer.state_dir import StateDirLock
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ class TrainerWorker:
         self.stop = stop or threading.Event()
         self.state_dir = Path(tc.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.state_dir_lock = StateDirLock(self.state_dir)  # before anything in it is read or written
+        # Before anything in the directory is read or written:
+        self.state_dir_lock = StateDirLock(self.state_dir, owner="trainer", field="trainer.state_dir")
         self.metrics = TrainerMetrics()
         self.heap_trimmer = HeapTrimmer(tc.heap_trim_growth_mb << 20)
         self.checkpoints = CheckpointManager(self.state_dir, tc.checkpoints_kept)

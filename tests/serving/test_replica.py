@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import time
 
 import torch
 
+from liverec.platform.state_dir import StateDirLock
 from liverec.serving.replica import Replica
 from liverec.trainer.items import ITEM_TABLE
 from liverec.trainer.worker import TrainerWorker
+from tests.conftest import assert_refused_beside
 from tests.trainer.conftest import publish_ml100k, small
 
 
@@ -57,3 +61,17 @@ def test_replica_swaps_in_published_versions_and_resumes_after_restart(config, m
         assert restarted.snapshot().version == snap.version
     finally:
         restarted.stop()
+
+
+def test_a_second_serve_on_the_same_state_dir_is_refused_naming_the_first(cli_env, tmp_path) -> None:
+    state_dir = tmp_path / "serving"
+    cmd = [sys.executable, "-m", "liverec.platform", "serve", "--port", "0", "--state-dir", str(state_dir),
+           "--metrics-port", "0", "--device", "cpu"]
+    first = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert first.stdout is not None and first.stdout.readline().startswith("serving liverec.v1.Recommender on")
+        assert_refused_beside(first, cmd, cli_env, "serving.state_dir", state_dir, "serving")
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
+    assert StateDirLock(state_dir, owner="serving", field="serving.state_dir").held  # released with its process
