@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from liverec.platform.config import ConfigError, LiverecConfig, load_config
 from liverec.platform.replay import parse_rate
+from liverec.platform.state_dir import StateDirInUse
 
 log = logging.getLogger("liverec")
 
@@ -113,8 +114,6 @@ def _trainer_config(args: argparse.Namespace) -> LiverecConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from liverec.trainer.progress import TrainingProgress
     from liverec.trainer.worker import TrainerWorker
-
-    from liverec.platform.state_dir import StateDirInUse
 
     stop = _stop_event_on_signals()
     try:

@@ -10,9 +10,9 @@ A checkpoint is a directory `checkpoints/NNNNNNNN/` holding
 
 It is written under `.tmp-NNNNNNNN-<pid>`, fsynced, then renamed into place, so a crash at any
 moment leaves either the complete new checkpoint or none (and a `.tmp-` directory, which the
-next trainer to start removes). On start, checkpoints are tried newest
-first; one that fails verification (a missing or corrupt file, a broken store chain) is skipped
-with a warning and the previous complete one is used. Offsets live in the checkpoint, so the
+next trainer to start removes). On start, checkpoints are tried newest first; one that fails
+verification (a missing or corrupt file, a broken store chain) is skipped with a warning and the
+previous complete one is used. Offsets live in the checkpoint, so the
 consumer resumes at exactly the first event the restored state has not learned from: nothing
 lost, nothing applied twice.
 """
