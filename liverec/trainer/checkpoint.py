@@ -118,15 +118,22 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        (tmp / TRAINER_STATE).write_bytes(buffer.getvalue())
-        history_checkpoint(tmp / HISTORY)
-        manifest = {"format": FORMAT, "seq": seq, "created_unix": time.time(),
-                    "store_checkpoint": store_path.name, "files": _files(tmp)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_tree(tmp)
-        os.rename(tmp, self.root / name)
+        try:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            (tmp / TRAINER_STATE).write_bytes(buffer.getvalue())
+            history_checkpoint(tmp / HISTORY)
+            manifest = {"format": FORMAT, "seq": seq, "created_unix": time.time(),
+                        "store_checkpoint": store_path.name, "files": _files(tmp)}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _fsync_tree(tmp)
+            os.rename(tmp, self.root / name)
+        except BaseException:
+            # A write that fails (a full disk) takes its partial files with it; the store checkpoint
+            # just written stays: the store chains its next one onto it, and pruning drops it once
+            # no checkpoint needs it.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         fd = os.open(self.root, os.O_RDONLY)
         try:
             os.fsync(fd)
