@@ -22,6 +22,8 @@ import os
 import socket
 from pathlib import Path
 
+from liverec.platform.config import ConfigError
+
 
 class StateDirInUse(RuntimeError):
     """Another process holds the state directory."""
@@ -31,12 +33,17 @@ class StateDirLock:
     """Held from construction until `release` (or until the object or its process goes).
 
     `owner` names the kind of process (and the lock file: `trainer.lock`), `field` the
-    configuration field the directory came from, for the message."""
+    configuration field the directory came from, for the messages. The directory is created if
+    need be; one that cannot be (or cannot hold the lock file) is a ConfigError naming `field`."""
 
     def __init__(self, state_dir: Path, *, owner: str, field: str) -> None:
         self.path = Path(state_dir) / f"{owner}.lock"
         self._fd: int | None = None
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # a path through a file, a read-only or full volume...
+            raise ConfigError(field, f"{state_dir} cannot hold the {owner}'s state: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

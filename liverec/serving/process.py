@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from liverec.model.codecs.base import StateCodec
 from liverec.model.codecs.registry import codec_from_config
-from liverec.platform.config import LiverecConfig
+from liverec.platform.config import ConfigError, LiverecConfig
 from liverec.platform.state_dir import StateDirInUse
 from liverec.serving.backend import Answer, ModelSnapshot, Query, Scorer
 from liverec.serving.replica import Replica, resolve_device
@@ -87,6 +87,9 @@ def run_serve(config: LiverecConfig, worker: int | None = None) -> int:
     except StateDirInUse as exc:
         print(f"liverec serve: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # here too, for the workers' processes
+        print(f"liverec serve: configuration error: {exc}", file=sys.stderr)
+        return 2
     server, port = build_server(config.serving, backend, registry)
     replica.start()
     server.start()

@@ -72,7 +72,6 @@ class Replica:
         self.decode_states = decode_states
         self.on_codec_params = on_codec_params
         path = Path(config.serving.state_dir) / "replica"
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.state_dir_lock = StateDirLock(path.parent, owner="serving", field="serving.state_dir")
         options = Options(raw_mode=True)
         options.create_if_missing(True)

@@ -151,8 +151,7 @@ class TrainerWorker:
         tc = config.trainer
         self.stop = stop or threading.Event()
         self.state_dir = Path(tc.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        # Before anything in the directory is read or written:
+        # Created if need be, and locked before anything in it is read or written:
         self.state_dir_lock = StateDirLock(self.state_dir, owner="trainer", field="trainer.state_dir")
         self.metrics = TrainerMetrics()
         self.heap_trimmer = HeapTrimmer(tc.heap_trim_growth_mb << 20)

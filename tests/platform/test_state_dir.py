@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from liverec.platform.config import ConfigError
 from liverec.platform.state_dir import StateDirInUse, StateDirLock
 
 HOLDER = "import sys, time; from pathlib import Path; from liverec.platform.state_dir import StateDirLock; " \
@@ -58,3 +59,25 @@ def test_each_kind_of_process_has_its_own_lock_in_a_directory(tmp_path: Path) ->
     assert trainer.held and serving.held
     with pytest.raises(StateDirInUse, match=r"serving.state_dir .* is in use by another serving process"):
         StateDirLock(tmp_path, owner="serving", field="serving.state_dir")
+
+
+def test_a_state_dir_that_cannot_be_made_is_a_config_error_naming_the_field(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=rf"^trainer.state_dir: {blocker}/state cannot hold the trainer's state: "
+                                          r"Not a directory$"):
+        lock_as_trainer(blocker / "state")
+
+
+@pytest.mark.parametrize(("command", "field"), [(["train", "--quiet"], "trainer.state_dir"),
+                                                (["serve", "--port", "0", "--device", "cpu"], "serving.state_dir")])
+def test_the_cli_reports_an_unusable_state_dir_as_a_configuration_error(tmp_path: Path, command: list[str],
+                                                                        field: str) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEREC_")}
+    done = subprocess.run([sys.executable, "-m", "liverec.platform", *command, "--state-dir", str(blocker / "state")],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"configuration error: {field}: {blocker}/state cannot hold the " in done.stderr
+    assert "Traceback" not in done.stderr
