@@ -52,9 +52,12 @@ class StateDirLock:
             raise StateDirInUse(f"{field} {state_dir} is in use by another {owner} process ({holder}); a "
                                 f"directory holds one {owner} process's state: stop that one or use another "
                                 f"{field}") from None
+        except OSError as exc:  # a filesystem without locks
+            os.close(fd)
+            raise ConfigError(field, f"{state_dir} cannot be locked for the {owner}: {exc.strerror or exc}") from None
+        self._fd = fd
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
 
     @property
     def held(self) -> bool:
