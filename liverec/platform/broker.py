@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,10 +38,47 @@ def tansu_binary() -> Path:
     return path
 
 
-def free_port(host: str = HOST) -> int:
+# Where free_port looks: from here up to the start of the kernel's ephemeral range.
+_PORTS_FROM = 10_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def free_port(host: str = HOST, count: int = 1) -> int:
+    """A port nothing listens on (the first of `count` consecutive ones), for a server that a
+    process started later will bind.
+
+    Chosen below the kernel's ephemeral range, not by binding port 0: that returns an ephemeral
+    port, and every client connection this machine opens meanwhile takes an ephemeral port as its
+    local end, so one of them can hold the port by the time the server binds it (a serving
+    worker's metrics port was lost that way, `Address already in use`, while the workers
+    connected to the broker). Below the range no connection is given it unasked."""
+    low = _ephemeral_low()
+    if low - count <= _PORTS_FROM:  # an unusual range leaves no room below: the old way
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            return sock.getsockname()[1]
+    rng = random.Random()
+    for _ in range(1000):
+        base = rng.randrange(_PORTS_FROM, low - count + 1)
+        if all(_bindable(host, base + i) for i in range(count)):
+            return base
+    raise BrokerError(f"no {count} free consecutive port(s) between {_PORTS_FROM} and {low} on {host}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _die_with_parent() -> None:
