@@ -386,7 +386,7 @@ def stats(values: list[float]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from liverec.platform.broker import LocalBroker, free_port
+    from liverec.platform.broker import LocalBroker, free_ports
     from liverec.platform.config import load_config
     from liverec.platform.datasets import load_dataset
     from liverec.platform.kafka import ensure_topics, make_producer
@@ -422,7 +422,7 @@ def run(args: argparse.Namespace) -> dict:
             key, _, value = item.partition("=")
             env[key] = value
         cli = [sys.executable, "-m", "liverec.platform", "--bootstrap", broker.bootstrap]
-        trainer_port, grpc_port, serve_metrics = free_port(), free_port(), free_port()
+        trainer_port, grpc_port, serve_metrics = free_ports(3)
         trainer_log, server_log = work / "trainer.log", work / "server.log"
         try:
             with open(trainer_log, "wb") as out:

@@ -718,9 +718,9 @@ def run(args: argparse.Namespace, synthetic: bool, cuda: bool, concurrency: list
         spec.update({"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "threads": args.threads,
                      "server_procs": args.server_procs})
         if args.server_procs > 1:  # fixed ports, shared by every server process (SO_REUSEPORT)
-            from liverec.platform.broker import free_port
+            from liverec.platform.broker import free_ports
 
-            spec["ports"] = {"batched": free_port(), "naive": free_port()}
+            spec["ports"] = dict(zip(("batched", "naive"), free_ports(2)))
         for i in range(args.server_procs):
             own = {**spec, "serving_state_dir": f"{spec['serving_state_dir']}/p{i}"} if not synthetic else spec
             servers.append(Child([sys.executable, "-m", "benchmarks.serve", "_server", json.dumps(own)], f"server{i}",

@@ -65,6 +65,13 @@ def free_port(host: str = HOST, count: int = 1) -> int:
     raise BrokerError(f"no {count} free consecutive port(s) between {_PORTS_FROM} and {low} on {host}")
 
 
+def free_ports(count: int, host: str = HOST) -> list[int]:
+    """`count` distinct free ports (consecutive), for servers started together: separate
+    `free_port` calls, each checking a port nothing has bound yet, could return the same one."""
+    base = free_port(host, count)
+    return list(range(base, base + count))
+
+
 def _ephemeral_low() -> int:
     try:
         return int(_EPHEMERAL_RANGE.read_text().split()[0])

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from liverec.platform.broker import LocalBroker, _die_with_parent, free_port
+from liverec.platform.broker import LocalBroker, _die_with_parent, free_ports
 from liverec.platform.config import LiverecConfig
 from liverec.platform.datasets import DatasetFormatError, EventTable, SyntheticConfig, load_dataset
 from liverec.platform.demo_report import (
@@ -447,7 +447,7 @@ def _run(config: LiverecConfig, args: argparse.Namespace) -> int:
         # machine, and OpenMP teams of several threads on oversubscribed cores spin and stall.
         env.setdefault("OMP_NUM_THREADS", "1")
         work = Path(workdir.name)
-        t_metrics, s_port, s_metrics = free_port(), free_port(), free_port()
+        t_metrics, s_port, s_metrics = free_ports(3)
         trainer = start_child("trainer", ["train", "--state-dir", str(work / "trainer"), "--metrics-port",
                                           str(t_metrics), "--quiet"], env, log_dir, {"metrics": t_metrics}, args.config)
         demo.children["trainer"] = trainer

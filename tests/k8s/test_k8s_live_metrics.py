@@ -31,7 +31,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from liverec.platform.broker import LocalBroker, free_port
+from liverec.platform.broker import LocalBroker, free_port, free_ports
 from liverec.platform.config import LiverecConfig, TopicsConfig
 from liverec.platform.datasets import load_dataset
 from liverec.platform.kafka import ensure_topics, make_producer
@@ -183,7 +183,7 @@ def live(broker: LocalBroker, ml100k: Path, tmp_path_factory: pytest.TempPathFac
     thread.start()
 
     # A serving replica: `liverec serve`, as the Deployment runs it (metrics on 127.0.0.1 here).
-    grpc_port, serving_metrics_port = free_port(), free_port()
+    grpc_port, serving_metrics_port = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEREC_")}
     env.update(SMALL_MODEL_ENV, PYTHONUNBUFFERED="1", LIVEREC_KAFKA__BOOTSTRAP_SERVERS=cfg.kafka.bootstrap_servers,
                LIVEREC_TOPICS__EVENTS=cfg.topics.events, LIVEREC_TOPICS__DLQ=cfg.topics.dlq,

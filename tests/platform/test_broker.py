@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from liverec.platform.broker import answers_metadata, free_port
+from liverec.platform.broker import answers_metadata, free_port, free_ports
 
 
 def listening(port: int) -> bool:
@@ -73,3 +73,5 @@ def test_free_ports_lie_below_the_ephemeral_range_and_are_free() -> None:
         for port in range(base, base + count):
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", port))  # raises if it were taken
+    ports = free_ports(3)  # for servers started together: never one port twice
+    assert len(set(ports)) == 3 and all(10_000 <= port < low for port in ports)

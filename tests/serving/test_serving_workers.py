@@ -16,7 +16,7 @@ import urllib.request
 import grpc
 import pytest
 
-from liverec.platform.broker import free_port
+from liverec.platform.broker import free_port, free_ports
 from liverec.platform.config import ConfigError, LiverecConfig, ServingConfig
 from liverec.platform.datasets import load_dataset
 from liverec.serving.process import worker_config
@@ -77,7 +77,7 @@ def test_workers_share_one_port_and_both_answer() -> None:
 def test_liverec_serve_runs_workers_that_all_serve_and_stop_together(config, cli_env, ml100k, tmp_path) -> None:
     publish_ml100k(config, ml100k, 600)
     TrainerWorker(small(config, tmp_path / "trainer", publish_every_s=0.2)).run(idle_exit_s=2)
-    port, metrics = free_port(), free_port(count=2)  # worker i serves /metrics on metrics + i
+    port, metrics, _ = free_ports(3)  # worker i serves /metrics on metrics + i
     env = {**cli_env, "LIVEREC_MODEL__ENCODER__DIM": "16", "LIVEREC_MODEL__ENCODER__LAYERS": "1",
            "LIVEREC_MODEL__ENCODER__HEADS": "1", "LIVEREC_MODEL__ENCODER__MAX_LEN": "10",
            "LIVEREC_SERVING__READY_MAX_LAG": "0"}
