@@ -43,33 +43,35 @@ _PORTS_FROM = 10_000
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
-def free_port(host: str = HOST, count: int = 1) -> int:
-    """A port nothing listens on (the first of `count` consecutive ones), for a server that a
-    process started later will bind.
+def free_port(host: str = HOST) -> int:
+    """A port nothing listens on, for a server that a process started later will bind.
 
     Chosen below the kernel's ephemeral range, not by binding port 0: that returns an ephemeral
     port, and every client connection this machine opens meanwhile takes an ephemeral port as its
     local end, so one of them can hold the port by the time the server binds it (a serving
     worker's metrics port was lost that way, `Address already in use`, while the workers
     connected to the broker). Below the range no connection is given it unasked."""
-    low = _ephemeral_low()
-    if low - count <= _PORTS_FROM:  # an unusual range leaves no room below: the old way
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            return sock.getsockname()[1]
-    rng = random.Random()
-    for _ in range(1000):
-        base = rng.randrange(_PORTS_FROM, low - count + 1)
-        if all(_bindable(host, base + i) for i in range(count)):
-            return base
-    raise BrokerError(f"no {count} free consecutive port(s) between {_PORTS_FROM} and {low} on {host}")
+    return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = HOST) -> list[int]:
     """`count` distinct free ports (consecutive), for servers started together: separate
     `free_port` calls, each checking a port nothing has bound yet, could return the same one."""
-    base = free_port(host, count)
-    return list(range(base, base + count))
+    low = _ephemeral_low()
+    if low - count <= _PORTS_FROM:  # an unusual range leaves no room below: ephemeral ones, as before
+        return [_ephemeral_port(host) for _ in range(count)]
+    rng = random.Random()
+    for _ in range(1000):
+        base = rng.randrange(_PORTS_FROM, low - count + 1)
+        if all(_bindable(host, base + i) for i in range(count)):
+            return list(range(base, base + count))
+    raise BrokerError(f"no {count} free consecutive port(s) between {_PORTS_FROM} and {low} on {host}")
+
+
+def _ephemeral_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _ephemeral_low() -> int:

@@ -66,10 +66,9 @@ def trim() -> int | None:
 class HeapTrimmer:
     """`trim` whenever resident memory has grown by more than `growth_bytes` since the last trim
     (or since start; 0: never), for a process's main loop, after each unit of work; counts its
-    trims. Bounding
-    the growth, not the time between trims, holds the same bound whatever a step allocates and
-    however fast steps come, and trims no more often than that needs (each trim's pages are
-    faulted in again by the steps after it)."""
+    trims. Bounding the growth, not the time between trims, holds the same bound whatever a step
+    allocates and however fast steps come, and trims no more often than that needs (each trim's
+    pages are faulted in again by the steps after it)."""
 
     def __init__(self, growth_bytes: int, resident: Callable[[], int] = resident_bytes) -> None:
         if growth_bytes < 0:

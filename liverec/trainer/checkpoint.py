@@ -12,9 +12,8 @@ It is written under `.tmp-NNNNNNNN-<pid>`, fsynced, then renamed into place, so 
 moment leaves either the complete new checkpoint or none (and a `.tmp-` directory, which the
 next trainer to start removes). On start, checkpoints are tried newest first; one that fails
 verification (a missing or corrupt file, a broken store chain) is skipped with a warning and the
-previous complete one is used. Offsets live in the checkpoint, so the
-consumer resumes at exactly the first event the restored state has not learned from: nothing
-lost, nothing applied twice.
+previous complete one is used. Offsets live in the checkpoint, so the consumer resumes at exactly
+the first event the restored state has not learned from: nothing lost, nothing applied twice.
 """
 
 from __future__ import annotations
