@@ -24,7 +24,7 @@ from liverec.platform.broker import LocalBroker
 from liverec.platform.config import LiverecConfig
 from liverec.platform.datasets import EventTable, SyntheticConfig, synthetic
 from liverec.platform.events import encode_table
-from liverec.platform.kafka import make_admin, make_consumer, make_producer
+from liverec.platform.kafka import make_admin, make_consumer, make_producer, native_crc32c
 from liverec.platform.replay import replay
 from liverec.trainer.source import EventSource
 
@@ -125,6 +125,7 @@ def run(events: int, rounds: int, partitions: int, seed: int) -> dict:
         "benchmark": "ingest",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cores)",
+        "kafka_crc32c": "native" if native_crc32c() else "pure-python",
         "events": n,
         "rounds": rounds,
         "partitions": partitions,
@@ -139,7 +140,8 @@ def run(events: int, rounds: int, partitions: int, seed: int) -> dict:
 def print_table(result: dict) -> None:
     eps = result["events_per_s"]
     print(f"ingest benchmark — {result['events']:,} events × {result['rounds']} rounds, "
-          f"{result['partitions']} partitions, local Tansu broker ({result['date']}, {result['machine']})")
+          f"{result['partitions']} partitions, local Tansu broker ({result['date']}, {result['machine']}, "
+          f"{result['kafka_crc32c']} CRC-32C)")
     print(f"{'path':<10}{'liverec ev/s':>16}{'bare kafka-python ev/s':>26}{'ratio':>8}{'target':>8}")
     for path in ("produce", "consume"):
         ratio = result[f"ratio_{path}"]

@@ -30,6 +30,7 @@ from benchmarks.report import report
 from liverec.platform.broker import LocalBroker
 from liverec.platform.config import LiverecConfig, load_config
 from liverec.platform.datasets import EventTable, load_dataset
+from liverec.platform.kafka import native_crc32c
 from liverec.platform.replay import rebase_times, replay_into
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,7 +101,7 @@ def in_memory(config: LiverecConfig, table: EventTable, events: int, device: str
 
 def print_table(result: dict) -> None:
     print(f"train benchmark — {result['mode']}, {result['events']:,} events of {result['dataset']}, "
-          f"{result['machine']}, {result['date']}")
+          f"{result['machine']}, {result['kafka_crc32c']} CRC-32C, {result['date']}")
     print(f"  events/s: {result['events_per_s']:,.0f}   wall: {result['seconds']:.1f} s")
     threaded = "thread_busy_share" in result
     print(f"  {'stage':<18}{'thread' if threaded else '':<9}{'seconds':>10}{'share':>8}")
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         result = end_to_end(config, table, events)
     result.update({"benchmark": "train", "dataset": Path(args.dataset).name, "date": time.strftime("%Y-%m-%d"),
                    "machine": machine(), "threads": torch.get_num_threads(),
+                   "kafka_crc32c": "native" if native_crc32c() else "pure-python",
                    "model": dataclasses.asdict(config.model), "batch_events": config.trainer.batch_events})
     out = args.out or RESULTS / ("train.json" if not args.in_memory else f"train_step_{args.device.split(':')[0]}.json")
     report(result, out, print_table, args.json)
