@@ -63,6 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import write_result
+from liverec.platform.kafka import native_crc32c
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -479,7 +480,7 @@ def run(args: argparse.Namespace) -> dict:
 def print_table(r: dict) -> None:
     s = r["settings"]
     print(f"\nfreshness benchmark — {r['dataset']}, local Tansu broker, trainer + replica processes, "
-          f"{r['date']}, {r['machine']}")
+          f"{r['date']}, {r['machine']}, {r['kafka_crc32c']} CRC-32C")
     print(f"  trainer batch_max_ms {s['batch_max_ms']}, batch_events {s['batch_events']}, publish_every_s "
           f"{s['publish_every_s']}; replay {s['replay_rate']:g} events/s during the run; "
           f"probes {r['probes']} at {s['probe_rate']:g}/s; polls every {s['poll_ms']:g} ms once the state is out "
@@ -552,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result.update({
         "benchmark": "freshness", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+        "kafka_crc32c": "native" if native_crc32c() else "pure-python",  # the children's environment too
         "dataset": Path(args.dataset).name, "quick": args.quick, "targets_ms": TARGETS_MS,
         "seconds": time.perf_counter() - started,
         "settings": {"batch_max_ms": args.batch_max_ms, "batch_events": args.batch_events,
