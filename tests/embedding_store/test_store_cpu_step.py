@@ -3,6 +3,7 @@ in reserved address space against columns that grow by copy."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -132,31 +133,61 @@ def test_a_reserved_column_grows_in_place_and_moves_when_its_reservation_is_full
     assert torch.equal(moved[:700], second)
 
 
-def test_a_store_whose_columns_live_in_reservations_equals_one_grown_by_copy(monkeypatch: pytest.MonkeyPatch) -> None:
-    def run() -> EmbeddingStore:
-        configs = [TableConfig("t", 8, initial_capacity=4, min_count=2, ttl_s=5, optimizer="adam"),
-                   TableConfig("u", 3, initial_capacity=2, optimizer="adagrad", initializer="uniform")]
-        store = EmbeddingStore(configs, seed=4)
-        store.mark()
-        generator = torch.Generator().manual_seed(0)
-        for now in range(30):
-            for config in configs:
-                keys = torch.randint(0, 3000, (400,), generator=generator)
-                rows = store.lookup(config.name, keys, train=True, now_s=now)
-                store.apply_gradients(config.name, rows, torch.randn(400, config.dim, generator=generator))
-            if now % 4 == 0:
-                store.expire(now)
-        return store
+def _trained_store(batch: int = 400) -> EmbeddingStore:
+    """Two tables (admission, expiry, Adam / Adagrad, both initializers) after 30 train steps."""
+    configs = [TableConfig("t", 8, initial_capacity=4, min_count=2, ttl_s=5, optimizer="adam"),
+               TableConfig("u", 3, initial_capacity=2, optimizer="adagrad", initializer="uniform")]
+    store = EmbeddingStore(configs, seed=4)
+    store.mark()
+    generator = torch.Generator().manual_seed(0)
+    for now in range(30):
+        for config in configs:
+            keys = torch.randint(0, 3000, (batch,), generator=generator)
+            rows = store.lookup(config.name, keys, train=True, now_s=now)
+            store.apply_gradients(config.name, rows, torch.randn(batch, config.dim, generator=generator))
+        if now % 4 == 0:
+            store.expire(now)
+    return store
 
-    copied = run()
-    monkeypatch.setattr(storage, "RESERVE_MIN_BYTES", 256)
-    reserved = run()
-    assert reserved.table("t").weights.untyped_storage().nbytes() > reserved.table("t").weights.numel() * 4
-    assert_snapshots_equal(snapshot(reserved), snapshot(copied))
-    assert reserved.stats() == copied.stats()
+
+def _assert_stores_equal(mine: EmbeddingStore, theirs: EmbeddingStore) -> None:
+    assert_snapshots_equal(snapshot(mine), snapshot(theirs))
+    assert mine.stats() == theirs.stats()
     for name in ("t", "u"):
-        mine, theirs = reserved.export_delta(mark=False)[name], copied.export_delta(mark=False)[name]
-        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.weights, theirs.weights)
+        left, right = mine.export_delta(mark=False)[name], theirs.export_delta(mark=False)[name]
+        assert torch.equal(left.keys, right.keys) and torch.equal(left.weights, right.weights)
+
+
+def test_a_store_whose_columns_live_in_reservations_equals_one_grown_by_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    copied = _trained_store()
+    monkeypatch.setattr(storage, "RESERVE_MIN_BYTES", 256)
+    reserved = _trained_store()
+    assert reserved.table("t").weights.untyped_storage().nbytes() > reserved.table("t").weights.numel() * 4
+    _assert_stores_equal(reserved, copied)
+
+
+def test_kernels_run_on_one_thread_below_their_parallel_minimum_and_restore_the_thread_count() -> None:
+    threads = numba.get_num_threads()
+    assert threads >= 2, "needs a machine with two cores or more"
+    with cpu_step._threads_for(10, 100) as chunks:
+        assert chunks == 1 and numba.get_num_threads() == 1
+    assert numba.get_num_threads() == threads
+    with pytest.raises(RuntimeError), cpu_step._threads_for(10, 100):
+        raise RuntimeError("a kernel failed")
+    assert numba.get_num_threads() == threads
+    with cpu_step._threads_for(100, 100) as chunks:
+        assert chunks == threads and numba.get_num_threads() == threads
+
+
+def test_a_store_trained_on_one_thread_equals_one_trained_on_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every train-step kernel forced parallel, then forced serial: the same store, bit for bit
+    (rows are dealt to threads whole, and each row's gradients are summed in occurrence order)."""
+    monkeypatch.setattr(cpu_step, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(cpu_step, "PARALLEL_MIN_ROWS", 0)
+    parallel = _trained_store(batch=3000)
+    monkeypatch.setattr(cpu_step, "PARALLEL_MIN", 2**62)
+    monkeypatch.setattr(cpu_step, "PARALLEL_MIN_ROWS", 2**62)
+    _assert_stores_equal(_trained_store(batch=3000), parallel)
 
 
 def test_radix_sort_orders_any_int64_keys() -> None:

@@ -38,6 +38,8 @@ identical.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numba
@@ -52,6 +54,7 @@ from liverec.embedding_store import box_muller
 from liverec.embedding_store.kernels import TOMBSTONE_KEY, reserved_keys_error
 from liverec.embedding_store.kernels.cpu import (
     _AHEAD,
+    PARALLEL_MIN,
     _find_one,
     _home,
     _next,
@@ -60,6 +63,31 @@ from liverec.embedding_store.kernels.cpu import (
 )
 
 _CACHE_LINE_FLOATS = 16
+# Row kernels (a row is `dim` floats of work) run in parallel from this many rows on; measured
+# here, two threads overtake one between 4,096 and 8,192 rows for the gather and at ~4,096 for the
+# gradient step and new rows' initial values.
+PARALLEL_MIN_ROWS = 4096
+
+
+@contextmanager
+def _threads_for(items: int, parallel_min: int) -> Iterator[int]:
+    """Run the parallel kernels called inside on one thread when `items` is below `parallel_min`;
+    yields the thread count (the chunked kernels' `chunks`).
+
+    Launching a parallel region wakes numba's sleeping worker thread: ~75 us per call on this VM
+    with OMP_WAIT_POLICY=PASSIVE, against ~1 us on one thread, more than a small batch's whole
+    loop. The trainer's receive path looks up and gathers a handful of keys per poll. numba's
+    thread count belongs to the calling thread, so the receive path and the learner do not see
+    each other's setting."""
+    threads = numba.get_num_threads()
+    if items >= parallel_min or threads == 1:
+        yield threads
+        return
+    numba.set_num_threads(1)
+    try:
+        yield 1
+    finally:
+        numba.set_num_threads(threads)
 
 
 @numba.njit(cache=True, inline="always")
@@ -170,8 +198,9 @@ def dedup_find(slots: torch.Tensor, row_keys: torch.Tensor, keys: torch.Tensor, 
         raise reserved_keys_error()
     dedup = Dedup(distinct[:count], inverse, occurrences[:count], head[:count], nxt)
     rows = torch.empty(count, dtype=torch.int64)
-    _find_touch(slots.numpy(), row_keys.numpy(), dedup.distinct.numpy(), dedup.occurrences.numpy(), rows.numpy(),
-                counts.numpy(), last_update.numpy(), np.int32(now_offset), cap, numba.get_num_threads())
+    with _threads_for(count, PARALLEL_MIN) as chunks:
+        _find_touch(slots.numpy(), row_keys.numpy(), dedup.distinct.numpy(), dedup.occurrences.numpy(), rows.numpy(),
+                    counts.numpy(), last_update.numpy(), np.int32(now_offset), cap, chunks)
     return dedup, rows
 
 
@@ -389,7 +418,8 @@ def uniforms(keys: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     """The initializer's (n, count) float32 uniforms (`initializer._uniforms`), bit for bit, in
     one compiled pass instead of a dozen int32 passes over an (n, count) buffer."""
     out = torch.empty(keys.numel(), count, dtype=torch.float32)
-    _uniforms(keys.contiguous().numpy(), np.int64(seed), out.numpy())
+    with _threads_for(keys.numel(), PARALLEL_MIN_ROWS):
+        _uniforms(keys.contiguous().numpy(), np.int64(seed), out.numpy())
     return out
 
 
@@ -505,9 +535,10 @@ def apply_gradients(optimizer: str, weights: torch.Tensor, state: dict[str, torc
         head, nxt = _occurrence_lists(inverse.contiguous().numpy(), rows.numel())
     else:
         head, nxt = lists[0].numpy(), lists[1].numpy()
-    _apply(weights.numpy(), *arrays, rows.contiguous().numpy(), head, nxt, grads.float().contiguous().numpy(),
-           OPTIMIZER_CODES[optimizer], np.float32(lr), np.float32(eps), np.float32(beta1), np.float32(beta2), rejected,
-           numba.get_num_threads())
+    with _threads_for(rows.numel(), PARALLEL_MIN_ROWS) as chunks:
+        _apply(weights.numpy(), *arrays, rows.contiguous().numpy(), head, nxt, grads.float().contiguous().numpy(),
+               OPTIMIZER_CODES[optimizer], np.float32(lr), np.float32(eps), np.float32(beta1), np.float32(beta2),
+               rejected, chunks)
     return torch.from_numpy(rejected.view(np.bool_))
 
 
@@ -534,7 +565,8 @@ def gather(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """weights[rows] with zeros where the row is -1, in one parallel pass that prefetches the
     rows ahead (float32 weights; an index_select cannot overlap the misses of a large table)."""
     out = torch.empty(rows.numel(), weights.shape[1], dtype=weights.dtype)
-    _gather(weights.numpy(), rows.contiguous().numpy(), out.numpy(), numba.get_num_threads())
+    with _threads_for(rows.numel(), PARALLEL_MIN_ROWS) as chunks:
+        _gather(weights.numpy(), rows.contiguous().numpy(), out.numpy(), chunks)
     return out
 
 
@@ -615,13 +647,15 @@ def write_normal_rows(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Ten
     """weights[rows] = the initializer's normal rows of `keys`, bit for bit (`initial_rows`):
     hashing, uniforms and Box-Muller (`box_muller`: no library log, cos or sin) in one pass that
     writes each row where it goes."""
-    _write_normal(weights.numpy(), rows.numpy(), keys.numpy(), np.int64(seed), np.float32(scale))
+    with _threads_for(rows.numel(), PARALLEL_MIN_ROWS):
+        _write_normal(weights.numpy(), rows.numpy(), keys.numpy(), np.int64(seed), np.float32(scale))
 
 
 def write_uniform_rows(weights: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, seed: int, scale: float) -> None:
     """weights[rows] = the initializer's uniform rows of `keys` (u * 2 scale - scale), bit for bit."""
-    _write_uniform(weights.numpy(), rows.numpy(), keys.numpy(), np.int64(seed), np.float32(2.0 * scale),
-                   np.float32(scale))
+    with _threads_for(rows.numel(), PARALLEL_MIN_ROWS):
+        _write_uniform(weights.numpy(), rows.numpy(), keys.numpy(), np.int64(seed), np.float32(2.0 * scale),
+                       np.float32(scale))
 
 
 @numba.njit(cache=True, parallel=True)
@@ -658,6 +692,7 @@ def new_row_metadata(rows: torch.Tensor, index: torch.Tensor, distinct_rows: tor
         raise ValueError(f"at most 3 optimizer state columns, got {len(state)}")
     empty = (np.zeros((1, 1), dtype=np.float32), 0.0)
     arrays = [(tensor.numpy(), value) for tensor, value in state] + [empty] * (3 - len(state))
-    return int(_new_row_metadata(rows.numpy(), index.numpy(), distinct_rows.numpy(), occurrences.numpy(),
-                                 *(item for array, value in arrays for item in (array, np.float32(value))), len(state),
-                                 last_update.numpy(), np.int32(now_offset), counts.numpy(), cap))
+    with _threads_for(rows.numel(), PARALLEL_MIN_ROWS):
+        return int(_new_row_metadata(rows.numpy(), index.numpy(), distinct_rows.numpy(), occurrences.numpy(),
+                                     *(item for array, value in arrays for item in (array, np.float32(value))),
+                                     len(state), last_update.numpy(), np.int32(now_offset), counts.numpy(), cap))
