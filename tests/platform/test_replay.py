@@ -9,7 +9,8 @@ from collections import defaultdict
 import numpy as np
 
 from liverec.platform.datasets import SyntheticConfig, load_dataset, synthetic
-from liverec.platform.kafka import make_consumer
+from liverec.platform.events import event_key
+from liverec.platform.kafka import make_admin, make_consumer, make_producer
 from liverec.platform.replay import rebase_times
 from liverec.trainer.source import EventSource
 
@@ -75,6 +76,28 @@ def test_replay_delivers_every_event_once_in_user_order(config, cli_env) -> None
         parts[u].add(p)
     assert all(len(p) == 1 for p in parts.values())
     assert len({p for ps in parts.values() for p in ps}) > 1  # and users spread over partitions
+    # ... the partition kafka-python's default partitioner (murmur2, Java-compatible) gives the key,
+    # which the replay works out once per user instead of per send
+    assert {u: ps.pop() for u, ps in parts.items()} == default_partitions(config, sorted(parts))
+
+
+def default_partitions(config, users: list[int]) -> dict[int, int]:
+    """Each user's partition as a plain producer, left to its default partitioner, writes it: one
+    record per user to a scratch topic with as many partitions as the events topic."""
+    from kafka.admin import NewTopic
+
+    topic = "replay-partition-check"
+    admin = make_admin(config.kafka)
+    try:
+        admin.create_topics([NewTopic(topic, config.topics.partitions, 1)])
+    finally:
+        admin.close()
+    producer = make_producer(config.kafka)
+    try:
+        futures = {u: producer.send(topic, key=event_key(u), value=b"") for u in users}
+        return {u: future.get(timeout=30).partition for u, future in futures.items()}
+    finally:
+        producer.close()
 
 
 def test_replay_ml100k_rebases_old_timestamps(config, cli_env, ml100k) -> None:
