@@ -3,6 +3,13 @@
 A bad event must never stop training nor be silently dropped: each rejected record keeps its
 original bytes and gets one reason from REASONS, and the worker forwards it to the dead-letter
 topic.
+
+Parsing is compiled for the common shape of a UserEvent (fields 1-5, each with its own wire
+type): one pass over a poll's bytes, ~0.05 us a record against ~0.8 us for a protobuf parse and
+its Python field reads, which on a consumer's 6 us a record was most of liverec's cost over a
+bare poll loop. Anything else (a context map, an unknown field, a malformed or truncated
+message, an enum beyond int32) is parsed by protobuf itself, record by record, so the results
+are protobuf's in every case.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numba
 import numpy as np
 from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
@@ -114,52 +122,127 @@ def _detail(reason: str, msg: events_pb2.UserEvent) -> str:
     return f"value={msg.value}"
 
 
+@numba.njit(cache=True, inline="always")
+def _varint(buf: np.ndarray, pos: int, end: int, limit: int) -> tuple[np.uint64, int, bool]:
+    """The varint at pos (at most `limit` bytes; a tenth byte may only carry the top bit):
+    (value, next position, whether it was well formed)."""
+    value = np.uint64(0)
+    for i in range(limit):
+        if pos >= end:
+            return value, pos, False
+        byte = np.uint64(buf[pos])
+        pos += 1
+        if i == 9 and byte > 1:
+            return value, pos, False
+        value |= (byte & np.uint64(0x7F)) << np.uint64(7 * i)
+        if byte < 0x80:
+            return value, pos, True
+    return value, pos, False
+
+
+@numba.njit(cache=True)
+def _parse_wire(buf: np.ndarray, starts: np.ndarray, ints: np.ndarray, value: np.ndarray,
+                has_value: np.ndarray) -> np.ndarray:
+    """Each record's fields 1, 2, 3, 5 (varints) into ints[:, 0..3] and field 4 (a double) into
+    value / has_value, the last occurrence winning as in protobuf; returns a flag per record that
+    this parse was complete (false: something else is there, leave the record to protobuf)."""
+    n = starts.shape[0] - 1
+    complete = np.zeros(n, dtype=np.bool_)
+    columns = (-1, 0, 1, 2, -1, 3)  # field number -> column of ints
+    for r in range(n):
+        pos, end = starts[r], starts[r + 1]
+        ints[r, 0] = ints[r, 1] = ints[r, 2] = ints[r, 3] = 0
+        value[r] = np.nan
+        has_value[r] = False
+        good = True
+        while pos < end and good:
+            tag, pos, good = _varint(buf, pos, end, 5)
+            field, wire = tag >> np.uint64(3), tag & np.uint64(7)
+            if not good:
+                break
+            if wire == 0 and 1 <= field <= 5 and field != 4:
+                number, pos, good = _varint(buf, pos, end, 10)
+                if field == 3 and number >= np.uint64(2**31):  # int32 enum: protobuf's truncation
+                    good = False
+                ints[r, columns[field]] = np.int64(number)
+            elif wire == 1 and field == 4 and pos + 8 <= end:
+                bits = np.uint64(0)
+                for k in range(8):
+                    bits |= np.uint64(buf[pos + k]) << np.uint64(8 * k)
+                value[r] = np.array([bits]).view(np.float64)[0]
+                has_value[r] = True
+                pos += 8
+            else:
+                good = False
+        complete[r] = good
+    return complete
+
+
 def decode_records(
     records: Sequence[RawRecord], rules: ValidationRules = ValidationRules(), now_ms: int | None = None
 ) -> tuple[EventBatch, list[Rejected]]:
     """Split `records` into a valid EventBatch (arrival order kept) and rejections with reasons.
 
-    The per-record Python work is only the protobuf parse; validation runs on whole columns.
-    """
+    One compiled parse of the whole poll; validation runs on whole columns."""
     latest_ms = (int(time.time() * 1000) if now_ms is None else now_ms) + rules.max_future_ms
-    parsed: list[RawRecord] = []
-    rows: list[tuple[int, int, int, float, int, int]] = []
+    n = len(records)
+    if n == 0:
+        return _empty_batch(), []
+    payloads = [rec.value for rec in records]
+    present = np.ones(n, dtype=np.bool_)
+    if None in payloads:  # no value: protobuf's path refuses it as undecodable
+        present[[i for i, p in enumerate(payloads) if p is None]] = False
+        payloads = [b"" if p is None else p for p in payloads]
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, payloads), np.int64, n), out=starts[1:])
+    ints, value = np.empty((n, 4), dtype=np.int64), np.empty(n, dtype=np.float64)
+    has_value = np.empty(n, dtype=np.bool_)
+    complete = _parse_wire(np.frombuffer(b"".join(payloads), dtype=np.uint8), starts, ints, value, has_value)
+    complete &= present
+    unknown = np.zeros(n, dtype=np.int64)
+    decoded = np.ones(n, dtype=np.bool_)
     rejected: list[Rejected] = []
-    msg = events_pb2.UserEvent()
-    nan = math.nan
-    for rec in records:
-        try:
-            if rec.value is None:
-                raise DecodeError("record has no value")
-            msg.ParseFromString(rec.value)
-        except DecodeError as exc:
-            rejected.append(Rejected(rec, "undecodable", str(exc) or "not a protobuf message"))
-            continue
-        parsed.append(rec)
-        has_value = msg.HasField("value")
-        rows.append((msg.user_id, msg.item_id, msg.action, msg.value if has_value else nan, msg.event_time_ms,
-                     len(unknown_fields.UnknownFieldSet(msg)), has_value))
-    if not rows:
-        return _empty_batch(), rejected
-    user, item, action, value, ts, unknown, has_value = (np.array(c) for c in zip(*rows))
-    value = value.astype(np.float64)
-    cols = {"user_id": user.astype(np.int64), "item_id": item.astype(np.int64), "action": action.astype(np.int64),
-            "value": value, "event_time_ms": ts.astype(np.int64),
-            "has_value": has_value.astype(bool)}
+    for i in np.flatnonzero(~complete).tolist():
+        fields = _parse_with_protobuf(records[i])
+        if isinstance(fields, Rejected):
+            rejected.append(fields)
+            decoded[i] = False
+        else:
+            (ints[i, 0], ints[i, 1], ints[i, 2], value[i], ints[i, 3], unknown[i], has_value[i]) = fields
+    parsed = records if not rejected else [rec for rec, keep in zip(records, decoded.tolist()) if keep]
+    if not parsed:
+        return _empty_batch(), sorted(rejected, key=lambda r: (r.record.partition, r.record.offset))
+    ints, value, unknown = ints[decoded], value[decoded], unknown[decoded]
+    cols = {"user_id": ints[:, 0], "item_id": ints[:, 1], "action": ints[:, 2], "value": value,
+            "event_time_ms": ints[:, 3], "has_value": has_value[decoded]}
     reason = _reasons(cols, unknown, rules, latest_ms)
-    bad = np.flatnonzero(reason >= 0)
-    if len(bad):
-        for i in bad.tolist():
-            msg.ParseFromString(parsed[i].value)
-            name = REASONS[reason[i]]
-            rejected.append(Rejected(parsed[i], name, _detail(name, msg)))
-        rejected.sort(key=lambda r: (r.record.partition, r.record.offset))
+    msg = events_pb2.UserEvent()
+    for i in np.flatnonzero(reason >= 0).tolist():
+        msg.ParseFromString(parsed[i].value)
+        name = REASONS[reason[i]]
+        rejected.append(Rejected(parsed[i], name, _detail(name, msg)))
+    rejected.sort(key=lambda r: (r.record.partition, r.record.offset))
     ok = reason < 0
     part = np.fromiter((r.partition for r in parsed), np.int32, len(parsed))
     off = np.fromiter((r.offset for r in parsed), np.int64, len(parsed))
     batch = EventBatch(cols["user_id"][ok], cols["item_id"][ok], cols["action"][ok].astype(np.int8), value[ok],
                        cols["event_time_ms"][ok], part[ok], off[ok])
     return batch, rejected
+
+
+def _parse_with_protobuf(rec: RawRecord) -> tuple[int, int, int, float, int, int, bool] | Rejected:
+    """One record through protobuf: (user, item, action, value, time, unknown fields, has value),
+    or its rejection as undecodable."""
+    msg = events_pb2.UserEvent()
+    try:
+        if rec.value is None:
+            raise DecodeError("record has no value")
+        msg.ParseFromString(rec.value)
+    except DecodeError as exc:
+        return Rejected(rec, "undecodable", str(exc) or "not a protobuf message")
+    has_value = msg.HasField("value")
+    return (msg.user_id, msg.item_id, msg.action, msg.value if has_value else math.nan, msg.event_time_ms,
+            len(unknown_fields.UnknownFieldSet(msg)), has_value)
 
 
 def _empty_batch() -> EventBatch:

@@ -1,13 +1,17 @@
 """Every kind of bad event is refused with its own reason; good events keep order and fields."""
 
 import math
+import struct
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from liverec.platform.events import MIN_EVENT_TIME_MS, encode_event
-from liverec.trainer.decode import REASONS, decode_records
+from liverec.platform.events import MAX_ID, MIN_EVENT_TIME_MS, encode_event
+from liverec.trainer.decode import REASONS, Rejected, _parse_with_protobuf, _parse_wire, decode_records
 from liverec.v1 import events_pb2
 
 NOW_MS = 1_800_000_000_000
@@ -71,3 +75,110 @@ def test_good_events_survive_between_bad_ones_in_order() -> None:
     assert math.isnan(batch.value[2]) and batch.value[0] == 0.5
     assert batch.action.tolist() == [5, 5, 1, 5, 5]
     assert [r.reason for r in rejected] == list(REASONS[:5])
+
+
+# --------------------------------------------------------------------------- the compiled parse
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+EVENTS = st.builds(
+    lambda user, item, action, ts, value, context: events_pb2.UserEvent(
+        user_id=user, item_id=item, action=action, event_time_ms=ts, value=value, context=context
+    ).SerializeToString() if value is not None else events_pb2.UserEvent(
+        user_id=user, item_id=item, action=action, event_time_ms=ts, context=context).SerializeToString(),
+    INT64, INT64, st.integers(-(2**31), 2**31 - 1), INT64,
+    st.none() | st.floats(allow_nan=True, allow_infinity=True),
+    st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2) | st.just({}),
+)
+
+
+@st.composite
+def payloads(draw) -> bytes:
+    """UserEvents, and what a stream may also carry: two messages back to back (repeated fields:
+    the last wins), a message cut short, stray bytes appended, and bytes that are no message."""
+    kind = draw(st.sampled_from(["event", "two", "cut", "appended", "random"]))
+    if kind == "random":
+        return draw(st.binary(max_size=40))
+    first = draw(EVENTS)
+    if kind == "two":
+        return first + draw(EVENTS)
+    if kind == "cut":
+        return first[: draw(st.integers(0, max(len(first) - 1, 0)))]
+    if kind == "appended":
+        return first + draw(st.binary(min_size=1, max_size=6))
+    return first
+
+
+def _bits(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+def assert_parse_agrees_with_protobuf(raws: list[bytes]) -> None:
+    """What the compiled parse claims complete, protobuf parses to the same fields, bit for bit,
+    with no unknown fields; it never takes a record protobuf refuses."""
+    starts = np.concatenate([[0], np.cumsum([len(r) for r in raws])]).astype(np.int64)
+    ints, value, has_value = np.empty((len(raws), 4), np.int64), np.empty(len(raws)), np.empty(len(raws), np.bool_)
+    complete = _parse_wire(np.frombuffer(b"".join(raws), np.uint8), starts, ints, value, has_value)
+    for i, raw in enumerate(raws):
+        reference = _parse_with_protobuf(Rec(raw))
+        if not complete[i]:
+            continue
+        assert not isinstance(reference, Rejected), raw
+        user, item, action, val, ts, unknown, present = reference
+        assert (ints[i].tolist(), bool(has_value[i]), unknown) == ([user, item, action, ts], present, 0), raw
+        assert _bits(value[i]) == _bits(val) if present else math.isnan(value[i])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(payloads(), min_size=1, max_size=12))
+def test_the_compiled_parse_agrees_with_protobuf_on_every_record_it_takes(raws: list[bytes]) -> None:
+    """... and decode_records refuses as undecodable exactly what protobuf cannot parse."""
+    assert_parse_agrees_with_protobuf(raws)
+    records = [Rec(raw, offset=i) for i, raw in enumerate(raws)]
+    batch, rejected = decode_records(records, now_ms=NOW_MS)
+    assert len(batch) + len(rejected) == len(records)
+    for r in rejected:
+        reference = _parse_with_protobuf(r.record)
+        assert isinstance(reference, Rejected) == (r.reason == "undecodable")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def test_the_compiled_parse_agrees_with_protobuf_on_every_prefix_and_odd_encodings() -> None:
+    """Every truncation of events with and without a value (a double cut short among them), each
+    followed by a whole event so that a parse running past its record's end would read it; and
+    hand-made encodings: an enum beyond int32, overlong and over-long varints, a known field with
+    another wire type, field 0, a field UserEvent lacks."""
+    events = [ev(value=1.5), ev(user_id=-3, value=-0.0), ev(), encode_event(2**62, 1, 4, math.nan, T)]
+    after = ev(user_id=99)
+    for raw in events:
+        assert_parse_agrees_with_protobuf([part for k in range(len(raw) + 1) for part in (raw[:k], after)])
+    crafted = [
+        b"\x18" + _varint(2**32 + 5),                   # action beyond int32: protobuf keeps the low 32 bits
+        b"\x18" + _varint(2**31),
+        b"\x08" + b"\x87\x80\x80\x00",                  # overlong varint: still 7
+        b"\x08" + b"\xff" * 9 + b"\x7f",                  # a tenth byte beyond the top bit
+        b"\x08" + b"\xff" * 10 + b"\x01",                 # eleven bytes
+        b"\x20" + _varint(5),                            # value (a double) as a varint
+        b"\x09" + b"\x00" * 8,                          # user_id as fixed64
+        b"\x00\x01",                                     # field 0
+        b"\x38\x01",                                     # field 7, not in UserEvent
+        b"\x8a\x80\x80\x80\x80\x01",                      # a six-byte tag
+    ]
+    assert_parse_agrees_with_protobuf([part for raw in crafted for part in (raw, after)])
+
+
+@pytest.mark.parametrize("value", [math.nan, 0.0, -2.5, math.inf])
+@pytest.mark.parametrize("user", [1, 2**62, -1, MAX_ID - 1])
+def test_what_liverec_producers_write_takes_the_compiled_parse(user: int, value: float) -> None:
+    raw = encode_event(user, 5, events_pb2.ACTION_PURCHASE, value, T)
+    ints, out, has_value = np.empty((1, 4), np.int64), np.empty(1), np.empty(1, np.bool_)
+    assert _parse_wire(np.frombuffer(raw, np.uint8), np.array([0, len(raw)]), ints, out, has_value)[0]
+    assert ints[0].tolist() == [user, 5, events_pb2.ACTION_PURCHASE, T]
+    assert bool(has_value[0]) == (not math.isnan(value)) and (math.isnan(out[0]) or out[0] == value)
