@@ -185,36 +185,12 @@ def decode_records(
 
     One compiled parse of the whole poll; validation runs on whole columns."""
     latest_ms = (int(time.time() * 1000) if now_ms is None else now_ms) + rules.max_future_ms
-    n = len(records)
-    if n == 0:
+    if not records:
         return _empty_batch(), []
-    payloads = [rec.value for rec in records]
-    present = np.ones(n, dtype=np.bool_)
-    if None in payloads:  # no value: protobuf's path refuses it as undecodable
-        present[[i for i, p in enumerate(payloads) if p is None]] = False
-        payloads = [b"" if p is None else p for p in payloads]
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, payloads), np.int64, n), out=starts[1:])
-    ints, value = np.empty((n, 4), dtype=np.int64), np.empty(n, dtype=np.float64)
-    has_value = np.empty(n, dtype=np.bool_)
-    complete = _parse_wire(np.frombuffer(b"".join(payloads), dtype=np.uint8), starts, ints, value, has_value)
-    complete &= present
-    unknown = np.zeros(n, dtype=np.int64)
-    decoded = np.ones(n, dtype=np.bool_)
-    rejected: list[Rejected] = []
-    for i in np.flatnonzero(~complete).tolist():
-        fields = _parse_with_protobuf(records[i])
-        if isinstance(fields, Rejected):
-            rejected.append(fields)
-            decoded[i] = False
-        else:
-            (ints[i, 0], ints[i, 1], ints[i, 2], value[i], ints[i, 3], unknown[i], has_value[i]) = fields
+    cols, unknown, decoded, rejected = _parse(records)
     parsed = records if not rejected else [rec for rec, keep in zip(records, decoded.tolist()) if keep]
     if not parsed:
-        return _empty_batch(), sorted(rejected, key=lambda r: (r.record.partition, r.record.offset))
-    ints, value, unknown = ints[decoded], value[decoded], unknown[decoded]
-    cols = {"user_id": ints[:, 0], "item_id": ints[:, 1], "action": ints[:, 2], "value": value,
-            "event_time_ms": ints[:, 3], "has_value": has_value[decoded]}
+        return _empty_batch(), rejected
     reason = _reasons(cols, unknown, rules, latest_ms)
     msg = events_pb2.UserEvent()
     for i in np.flatnonzero(reason >= 0).tolist():
@@ -225,9 +201,38 @@ def decode_records(
     ok = reason < 0
     part = np.fromiter((r.partition for r in parsed), np.int32, len(parsed))
     off = np.fromiter((r.offset for r in parsed), np.int64, len(parsed))
-    batch = EventBatch(cols["user_id"][ok], cols["item_id"][ok], cols["action"][ok].astype(np.int8), value[ok],
-                       cols["event_time_ms"][ok], part[ok], off[ok])
+    batch = EventBatch(cols["user_id"][ok], cols["item_id"][ok], cols["action"][ok].astype(np.int8),
+                       cols["value"][ok], cols["event_time_ms"][ok], part[ok], off[ok])
     return batch, rejected
+
+
+def _parse(records: Sequence[RawRecord]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list[Rejected]]:
+    """The decoded records' columns and unknown-field counts, which records decoded, and the
+    undecodable ones' rejections: the compiled parse first, protobuf for what it left."""
+    n = len(records)
+    payloads = [rec.value for rec in records]
+    present = np.ones(n, dtype=np.bool_)
+    if None in payloads:  # no value: protobuf's path refuses it as undecodable
+        present[[i for i, p in enumerate(payloads) if p is None]] = False
+        payloads = [b"" if p is None else p for p in payloads]
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, payloads), np.int64, n), out=starts[1:])
+    ints, value = np.empty((n, 4), dtype=np.int64), np.empty(n, dtype=np.float64)
+    has_value = np.empty(n, dtype=np.bool_)
+    complete = _parse_wire(np.frombuffer(b"".join(payloads), dtype=np.uint8), starts, ints, value, has_value)
+    unknown = np.zeros(n, dtype=np.int64)
+    decoded = np.ones(n, dtype=np.bool_)
+    rejected: list[Rejected] = []
+    for i in np.flatnonzero(~(complete & present)).tolist():
+        fields = _parse_with_protobuf(records[i])
+        if isinstance(fields, Rejected):
+            rejected.append(fields)
+            decoded[i] = False
+        else:
+            (ints[i, 0], ints[i, 1], ints[i, 2], value[i], ints[i, 3], unknown[i], has_value[i]) = fields
+    cols = {"user_id": ints[decoded, 0], "item_id": ints[decoded, 1], "action": ints[decoded, 2],
+            "value": value[decoded], "event_time_ms": ints[decoded, 3], "has_value": has_value[decoded]}
+    return cols, unknown[decoded], decoded, rejected
 
 
 def _parse_with_protobuf(rec: RawRecord) -> tuple[int, int, int, float, int, int, bool] | Rejected:
