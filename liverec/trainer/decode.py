@@ -215,11 +215,7 @@ def _parse(records: Sequence[RawRecord]) -> tuple[dict[str, np.ndarray], np.ndar
     if None in payloads:  # no value: protobuf's path refuses it as undecodable
         present[[i for i, p in enumerate(payloads) if p is None]] = False
         payloads = [b"" if p is None else p for p in payloads]
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, payloads), np.int64, n), out=starts[1:])
-    ints, value = np.empty((n, 4), dtype=np.int64), np.empty(n, dtype=np.float64)
-    has_value = np.empty(n, dtype=np.bool_)
-    complete = _parse_wire(np.frombuffer(b"".join(payloads), dtype=np.uint8), starts, ints, value, has_value)
+    complete, ints, value, has_value = _parse_payloads(payloads)
     unknown = np.zeros(n, dtype=np.int64)
     decoded = np.ones(n, dtype=np.bool_)
     rejected: list[Rejected] = []
@@ -233,6 +229,17 @@ def _parse(records: Sequence[RawRecord]) -> tuple[dict[str, np.ndarray], np.ndar
     cols = {"user_id": ints[decoded, 0], "item_id": ints[decoded, 1], "action": ints[decoded, 2],
             "value": value[decoded], "event_time_ms": ints[decoded, 3], "has_value": has_value[decoded]}
     return cols, unknown[decoded], decoded, rejected
+
+
+def _parse_payloads(payloads: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`_parse_wire` over the payloads laid end to end: (complete, ints, value, has_value)."""
+    n = len(payloads)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, payloads), np.int64, n), out=starts[1:])
+    ints, value = np.empty((n, 4), dtype=np.int64), np.empty(n, dtype=np.float64)
+    has_value = np.empty(n, dtype=np.bool_)
+    complete = _parse_wire(np.frombuffer(b"".join(payloads), dtype=np.uint8), starts, ints, value, has_value)
+    return complete, ints, value, has_value
 
 
 def _parse_with_protobuf(rec: RawRecord) -> tuple[int, int, int, float, int, int, bool] | Rejected:

@@ -4,14 +4,13 @@ import math
 import struct
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from liverec.platform.events import MAX_ID, MIN_EVENT_TIME_MS, encode_event
-from liverec.trainer.decode import REASONS, Rejected, _parse_with_protobuf, _parse_wire, decode_records
+from liverec.trainer.decode import REASONS, Rejected, _parse_payloads, _parse_with_protobuf, decode_records
 from liverec.v1 import events_pb2
 
 NOW_MS = 1_800_000_000_000
@@ -81,13 +80,10 @@ def test_good_events_survive_between_bad_ones_in_order() -> None:
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 EVENTS = st.builds(
-    lambda user, item, action, ts, value, context: events_pb2.UserEvent(
-        user_id=user, item_id=item, action=action, event_time_ms=ts, value=value, context=context
-    ).SerializeToString() if value is not None else events_pb2.UserEvent(
-        user_id=user, item_id=item, action=action, event_time_ms=ts, context=context).SerializeToString(),
-    INT64, INT64, st.integers(-(2**31), 2**31 - 1), INT64,
-    st.none() | st.floats(allow_nan=True, allow_infinity=True),
-    st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2) | st.just({}),
+    lambda value, **fields: ev(**fields, **({} if value is None else {"value": value})),
+    user_id=INT64, item_id=INT64, action=st.integers(-(2**31), 2**31 - 1), event_time_ms=INT64,
+    value=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+    context=st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2) | st.just({}),
 )
 
 
@@ -115,9 +111,7 @@ def _bits(x: float) -> bytes:
 def assert_parse_agrees_with_protobuf(raws: list[bytes]) -> None:
     """What the compiled parse claims complete, protobuf parses to the same fields, bit for bit,
     with no unknown fields; it never takes a record protobuf refuses."""
-    starts = np.concatenate([[0], np.cumsum([len(r) for r in raws])]).astype(np.int64)
-    ints, value, has_value = np.empty((len(raws), 4), np.int64), np.empty(len(raws)), np.empty(len(raws), np.bool_)
-    complete = _parse_wire(np.frombuffer(b"".join(raws), np.uint8), starts, ints, value, has_value)
+    complete, ints, value, has_value = _parse_payloads(raws)
     for i, raw in enumerate(raws):
         reference = _parse_with_protobuf(Rec(raw))
         if not complete[i]:
@@ -160,16 +154,16 @@ def test_the_compiled_parse_agrees_with_protobuf_on_every_prefix_and_odd_encodin
     for raw in events:
         assert_parse_agrees_with_protobuf([part for k in range(len(raw) + 1) for part in (raw[:k], after)])
     crafted = [
-        b"\x18" + _varint(2**32 + 5),                   # action beyond int32: protobuf keeps the low 32 bits
+        b"\x18" + _varint(2**32 + 5),     # action beyond int32: protobuf keeps the low 32 bits
         b"\x18" + _varint(2**31),
-        b"\x08" + b"\x87\x80\x80\x00",                  # overlong varint: still 7
-        b"\x08" + b"\xff" * 9 + b"\x7f",                  # a tenth byte beyond the top bit
-        b"\x08" + b"\xff" * 10 + b"\x01",                 # eleven bytes
-        b"\x20" + _varint(5),                            # value (a double) as a varint
-        b"\x09" + b"\x00" * 8,                          # user_id as fixed64
-        b"\x00\x01",                                     # field 0
-        b"\x38\x01",                                     # field 7, not in UserEvent
-        b"\x8a\x80\x80\x80\x80\x01",                      # a six-byte tag
+        b"\x08\x87\x80\x80\x00",          # overlong varint: still 7
+        b"\x08" + b"\xff" * 9 + b"\x7f",  # a tenth byte beyond the top bit
+        b"\x08" + b"\xff" * 10 + b"\x01", # eleven bytes
+        b"\x20" + _varint(5),             # value (a double) as a varint
+        b"\x09" + b"\x00" * 8,           # user_id as fixed64
+        b"\x00\x01",                      # field 0
+        b"\x38\x01",                      # field 7, not in UserEvent
+        b"\x8a\x80\x80\x80\x80\x01",      # a six-byte tag
     ]
     assert_parse_agrees_with_protobuf([part for raw in crafted for part in (raw, after)])
 
@@ -177,8 +171,7 @@ def test_the_compiled_parse_agrees_with_protobuf_on_every_prefix_and_odd_encodin
 @pytest.mark.parametrize("value", [math.nan, 0.0, -2.5, math.inf])
 @pytest.mark.parametrize("user", [1, 2**62, -1, MAX_ID - 1])
 def test_what_liverec_producers_write_takes_the_compiled_parse(user: int, value: float) -> None:
-    raw = encode_event(user, 5, events_pb2.ACTION_PURCHASE, value, T)
-    ints, out, has_value = np.empty((1, 4), np.int64), np.empty(1), np.empty(1, np.bool_)
-    assert _parse_wire(np.frombuffer(raw, np.uint8), np.array([0, len(raw)]), ints, out, has_value)[0]
+    complete, ints, out, has_value = _parse_payloads([encode_event(user, 5, events_pb2.ACTION_PURCHASE, value, T)])
+    assert complete[0]
     assert ints[0].tolist() == [user, 5, events_pb2.ACTION_PURCHASE, T]
     assert bool(has_value[0]) == (not math.isnan(value)) and (math.isnan(out[0]) or out[0] == value)
