@@ -38,6 +38,7 @@ SMALL_MODEL = {"LIVEREC_MODEL__ENCODER__DIM": "16", "LIVEREC_MODEL__ENCODER__LAY
                "LIVEREC_TRAINER__CHECKPOINT_EVERY_EVENTS": "256", "LIVEREC_TRAINER__EXPIRE_EVERY_EVENTS": "500",
                "LIVEREC_TRAINER__ITEM_TTL_S": str(30 * 24 * 3600)}
 RECOVERY_EVENTS = 3000
+REPO = Path(__file__).resolve().parents[2]
 KILLS = 5
 
 
@@ -149,6 +150,25 @@ def test_train_refuses_a_state_dir_another_trainer_holds_and_clears_a_crashs_lef
     assert json.loads(done.stdout.strip().splitlines()[-1])["applied"] == 600
     assert not any(path.exists() for path in torn)
     assert "removed the leftovers of interrupted checkpoint writes" in done.stderr
+
+
+def test_trainer_warms_up_every_kernel_it_then_runs(config, cli_env, ml100k, tmp_path) -> None:
+    """In a fresh process (compiled kernels belong to the process): after `warm_up` the trainer's
+    own run, with admission by count and expiry, compiles nothing more, and the warm-up left the
+    trainer's state as it was."""
+    publish_ml100k(config, ml100k, 1500)
+    env = {**cli_env, **SMALL_MODEL, "LIVEREC_TRAINER__STATE_DIR": str(tmp_path / "state"),
+           "LIVEREC_TRAINER__METRICS_PORT": "-1", "LIVEREC_TRAINER__MIN_COUNT": "2",
+           "LIVEREC_TRAINER__ITEM_TTL_S": "3600", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "tests.kernel_warm_up", "trainer"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["applied"] == 1500 and result["expired"] > 0 and result["store_unchanged"]
+    assert result["ran"] == result["warmed"]
+    assert {"liverec.trainer.decode._parse_wire", "liverec.embedding_store.kernels.cpu_step._dedup",
+            "liverec.embedding_store.kernels.cpu_step._apply", "liverec.embedding_store.kernels.cpu._erase_serial"} \
+        <= set(result["ran"])
 
 
 def bad_records() -> dict[str, list[bytes]]:
