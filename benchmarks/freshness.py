@@ -50,7 +50,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -62,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.report import write_result
+from benchmarks.report import machine, write_result
 from liverec.platform.kafka import native_crc32c
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,12 +69,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS_MS = {"p50": 100.0, "p99": 500.0}
 PROBE_ITEM_BASE = 10_000_000  # probe items: PROBE_ITEM_BASE + i, never used by the dataset
 OBSERVER_FETCH_WAIT_MS = 10
-
-
-def machine() -> str:
-    import torch
-
-    return f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__})"
 
 
 @dataclasses.dataclass

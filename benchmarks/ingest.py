@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import report
+from benchmarks.report import machine, report
 from liverec.platform.broker import LocalBroker
 from liverec.platform.config import LiverecConfig
 from liverec.platform.datasets import EventTable, SyntheticConfig, synthetic
@@ -124,7 +123,7 @@ def run(events: int, rounds: int, partitions: int, seed: int) -> dict:
     return {
         "benchmark": "ingest",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cores)",
+        "machine": machine(),
         "kafka_crc32c": "native" if native_crc32c() else "pure-python",
         "events": n,
         "rounds": rounds,

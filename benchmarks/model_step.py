@@ -25,7 +25,6 @@ import inspect
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import time
 from io import BytesIO
 from pathlib import Path
 
-from benchmarks.report import report
+from benchmarks.report import machine, report
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -163,7 +162,7 @@ def run(threads: list[int], rounds: int, iters: int, seed: int, baseline: str | 
     return {
         "benchmark": "model_step",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+        "machine": machine(),
         "load_avg": {"start": load_start, "end": os.getloadavg()},
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "workload": {"rows": ROWS, "slots": 51, "catalog": CATALOG, "negatives": NEGATIVES, "config": "ModelConfig()"},

@@ -46,7 +46,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import queue
 import shutil
 import subprocess
@@ -59,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.report import write_result
+from benchmarks.report import machine, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,15 +66,6 @@ PREFIX = "@@ "  # protocol lines between this process and its children start wit
 TARGET_P99_MS = 15.0
 GPU_TARGET_RATE = 2000.0
 MIN_OK_FRACTION = 0.99
-
-
-def machine() -> str:
-    import torch
-
-    gpu = ""
-    if torch.cuda.is_available():
-        gpu = f", {torch.cuda.get_device_name(0)}"
-    return f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__})"
 
 
 # -------------------------------------------------------------------------------------------------

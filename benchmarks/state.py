@@ -47,9 +47,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from benchmarks.report import cpu_model
 from liverec.model import EncoderConfig, KVCache, ModelConfig, SequentialRecommender
-from liverec.model.losses import sampled_softmax_loss
 from liverec.model.codecs import StateCodec, codec_from_config, fit_codec, last_events
+from liverec.model.losses import sampled_softmax_loss
 from liverec.model.metrics import hit_rate, ndcg, target_ranks
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -429,7 +430,7 @@ def run(dataset: str, plan: Plan, quick: bool, log: Callable[[str], None]) -> di
         "benchmark": "state",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "quick": quick,
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "processor": platform.machine(),
+        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "processor": platform.machine(), "cpu_model": cpu_model(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "dataset": dataset,

@@ -79,6 +79,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.report import cpu_model
 from liverec.embedding_store import EmbeddingStore, TableConfig, checkpoint
 from liverec.embedding_store import table as table_module
 from liverec.embedding_store.hash_index import HashIndex
@@ -493,7 +494,7 @@ def run(plan: Plan, quick: bool, log: Any) -> dict[str, Any]:
     return {
         "benchmark": "store",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "processor": platform.machine(), "cpu_model": cpu_model(),
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch_threads": torch.get_num_threads(),
@@ -531,7 +532,7 @@ def table(result: dict[str, Any]) -> str:
     sp, st = result["liverec_train_split_ms_per_batch"], result["liverec_train_stages_ms_per_batch"]
     s = result["stream"]
     lines = [
-        f"store benchmark  {result['date']}  {result['machine']['node']} ({result['machine']['cpus']} CPUs, "
+        f"store benchmark  {result['date']}  {result['machine']['node']} ({result['machine']['cpus']} CPUs, {result['machine']['cpu_model']}, "
         f"load {result['machine']['loadavg_start'][0]:.1f}->{result['machine']['loadavg_end'][0]:.1f})  "
         f"torch {result['versions']['torch']}, OMP_WAIT_POLICY={result['omp_wait_policy']}"
         f"{'  [quick]' if result['quick'] else ''}",

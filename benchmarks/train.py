@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import report
+from benchmarks.report import machine, report
 from liverec.platform.broker import LocalBroker
 from liverec.platform.config import LiverecConfig, load_config
 from liverec.platform.datasets import EventTable, load_dataset
@@ -37,10 +35,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("consume", "decode", "history", "prequential", "store", "forward_backward", "state_refresh", "checkpoint",
           "publish")
 LEARNER_STAGES = ("history", "prequential", "store", "forward_backward")  # on the learner's thread; the rest on the main one
-
-
-def machine() -> str:
-    return f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__})"
 
 
 def end_to_end(config: LiverecConfig, table: EventTable, events: int) -> dict:
