@@ -153,9 +153,9 @@ def test_train_refuses_a_state_dir_another_trainer_holds_and_clears_a_crashs_lef
 
 
 def test_trainer_warms_up_every_kernel_it_then_runs(config, cli_env, ml100k, tmp_path) -> None:
-    """In a fresh process (compiled kernels belong to the process): after `warm_up` the trainer's
-    own run, with admission by count and expiry, compiles nothing more, and the warm-up left the
-    trainer's state as it was."""
+    """In a fresh process (compiled kernels belong to the process): once a trainer's run has
+    connected to Kafka (after its warm-up), its work on the records, with admission by count and
+    expiry, compiles nothing more, and the warm-up left the trainer's state as it was."""
     publish_ml100k(config, ml100k, 1500)
     env = {**cli_env, **SMALL_MODEL, "LIVEREC_TRAINER__STATE_DIR": str(tmp_path / "state"),
            "LIVEREC_TRAINER__METRICS_PORT": "-1", "LIVEREC_TRAINER__MIN_COUNT": "2",
