@@ -258,7 +258,7 @@ class TrainerWorker:
         topic = self.config.topics.events
         self.consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in self.offsets.items()})
 
-    # -- Kafka -----------------------------------------------------------------------------------
+    # -- start-up --------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
         """Compile (or load from numba's cache) the kernels that decoding and the store run, before
@@ -269,6 +269,8 @@ class TrainerWorker:
         warm_up_decoder()
         warm_up_kernels(self.store.configs, device=self.store.device)
         log.info("compiled kernels ready", extra={"seconds": round(time.perf_counter() - start, 3)})
+
+    # -- Kafka -----------------------------------------------------------------------------------
 
     def _connect(self) -> None:
         config = self.config
