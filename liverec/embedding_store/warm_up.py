@@ -8,7 +8,9 @@ settings (optimizer, initializer, dtype, admission, TTL, row budget: each picks 
 their argument types), so what gets compiled is what the real tables will call: the one-thread
 and the parallel variants (batches on both sides of PARALLEL_MIN), growth by rehash, admission,
 expiry and eviction, and the reuse of freed rows. The real store is not touched. On a CUDA
-device the same calls compile the Triton kernels.
+device the same calls compile the Triton kernels, for the sizes they meet: Triton compiles a
+kernel once more for a size argument of 1 or a multiple of 16 (its specialisations), so other
+batch sizes can still compile a variant on first use there. (The trainer's store is on the CPU.)
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from liverec.embedding_store import EmbeddingStore, TableConfig, checkpoint
+from liverec.embedding_store.warm_up import warm_up_kernels
 
 TABLES = [
     TableConfig(name="item", dim=16, initial_capacity=64, min_count=1, ttl_s=120, max_rows=1500,
@@ -113,3 +115,40 @@ def test_new_rows_are_the_same_bits_on_cuda_and_cpu(device: torch.device) -> Non
         compiled = torch.zeros(keys.numel(), config.dim)
         write_initial_rows(config, 77, keys, compiled, torch.arange(keys.numel()))
         assert torch.equal(initial_rows(config, 77, keys.to(device)).cpu().view(torch.int32), compiled.view(torch.int32))
+
+
+def test_warm_up_on_the_device_leaves_its_stores_untouched(device: torch.device) -> None:
+    """The warm-up runs the store's operations on the device (compiling the Triton kernels there) on
+    a scratch store: a store already trained on the device is left as it was, and trains on after."""
+    config = TableConfig("item", 16, min_count=2, ttl_s=10, max_rows=20_000, optimizer="adam")
+    store = EmbeddingStore([config], seed=1, device=device)
+    keys = torch.tensor([5, 5, 6, 6, 7], dtype=torch.int64, device=device)
+    store.lookup("item", keys, train=True, now_s=1_700_000_100)
+    store.unpin()
+    before = store.stats(), store.version, store.table_items("item")
+    warm_up_kernels([config], device=device)
+    after = store.table_items("item")
+    assert (store.stats(), store.version) == before[:2]
+    assert torch.equal(after[0], before[2][0]) and torch.equal(after[1], before[2][1])
+    rows = store.lookup("item", keys, train=True, now_s=1_700_000_101)
+    assert int((rows >= 0).sum()) == 5  # 7 reached min_count on its second sighting
+
+
+@pytest.mark.parametrize("initial_capacity", [1, 2, 3])
+def test_tiny_tables_grow_on_cuda_as_on_cpu(device: torch.device, initial_capacity: int) -> None:
+    """A table from one to three rows up: its first index has 2 or 4 slots, a slot mask of 1 or 3
+    on CUDA (a mask of 1 once failed to compile: Triton passed it as a constant)."""
+    config = TableConfig("item", 4, initial_capacity=initial_capacity, ttl_s=25, optimizer="adagrad")
+    cpu_store, gpu_store = (EmbeddingStore([config], seed=3, device=d) for d in ("cpu", device))
+    for step, n in enumerate([1, 1, 2, 3, 5, 40, 1]):
+        keys = torch.arange(100 * step, 100 * step + n, dtype=torch.int64)
+        rows = []
+        for store in (cpu_store, gpu_store):
+            k = keys.to(store.device)
+            r = store.lookup("item", k, train=True, now_s=10 * step)
+            store.apply_gradients("item", r, torch.ones(n, config.dim, device=store.device))
+            rows.append(r.cpu())
+            store.expire(10 * step)
+        assert torch.equal(rows[0], rows[1]), f"step {step}: rows differ"
+    _same_table(cpu_store, gpu_store, "item")
+    assert len(gpu_store.table("item")) < 53  # of the 53 keys seen, those older than the TTL expired

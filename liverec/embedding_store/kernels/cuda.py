@@ -66,7 +66,11 @@ _TOMB = tl.constexpr(TOMBSTONE_KEY)
 
 @triton.jit
 def _home(k, cmask):
-    """splitmix64(k) & cmask, in uint64 arithmetic (wrapping multiply, logical shifts)."""
+    """splitmix64(k) & cmask, in uint64 arithmetic (wrapping multiply, logical shifts).
+
+    cmask must arrive as a tensor: the kernels that take it say do_not_specialize, since Triton
+    passes an int argument equal to 1 (a 2-slot table's mask) as a Python constant, which has no
+    `.to`; that table's kernels failed to compile."""
     z = k.to(tl.uint64, bitcast=True) + 0x9E3779B97F4A7C15
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
@@ -204,7 +208,7 @@ def _claim(slots, row_keys, keys_ptr, k, claim_val, active, base, first, cmask, 
     return won, found, slot
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cmask"])
 def _find_kernel(slots, row_keys, q_ptr, out_ptr, n, cmask, cap, BLOCK: tl.constexpr, G: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -213,7 +217,7 @@ def _find_kernel(slots, row_keys, q_ptr, out_ptr, n, cmask, cap, BLOCK: tl.const
     tl.store(out_ptr + offs, tl.where(found, row.to(tl.int64), -1), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cmask"])
 def _erase_kernel(slots, row_keys, keys_ptr, out_ptr, n, cmask, cap, BLOCK: tl.constexpr, G: tl.constexpr):
     """Tombstone each key's slot and free its row's key (EMPTY); keys are unique here."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -226,7 +230,7 @@ def _erase_kernel(slots, row_keys, keys_ptr, out_ptr, n, cmask, cap, BLOCK: tl.c
     tl.store(row_keys + row64, tl.full([BLOCK], _EMPTY, tl.int64), mask=found)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cmask"])
 def _insert_kernel(slots, row_keys, keys_ptr, rows_ptr, scratch, fail_ptr, n, cmask, max_iters,
                    BLOCK: tl.constexpr, G: tl.constexpr):
     """Insert unique, absent keys (their row_keys already written): each claims the first free
@@ -245,7 +249,7 @@ def _insert_kernel(slots, row_keys, keys_ptr, rows_ptr, scratch, fail_ptr, n, cm
         tl.atomic_add(fail_ptr, lost)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cmask"])
 def _find_or_claim_kernel(slots, row_keys, keys_ptr, out_ptr, pos_out, fresh_out, lost_ptr, scratch, n, cmask,
                           cap, max_iters, BLOCK: tl.constexpr, G: tl.constexpr):
     """First part of find_or_insert: find each key, or claim a slot for it.
