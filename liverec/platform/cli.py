@@ -23,7 +23,7 @@ from liverec.platform.state_dir import StateDirInUse
 
 log = logging.getLogger("liverec")
 
-BENCHMARKS = ("ingest", "store", "store_gpu", "train", "model_step", "state", "serve", "freshness")
+BENCHMARKS = ("ingest", "store", "store_gpu", "train", "model_step", "state", "serve", "freshness", "startup")
 
 
 def _config(args: argparse.Namespace) -> LiverecConfig:
