@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from liverec.embedding_store import EmbeddingStore, TableConfig, checkpoint
-from liverec.embedding_store.warm_up import warm_up_kernels
+from tests.embedding_store.test_store_warm_up import assert_warm_up_leaves_a_store_untouched
 
 TABLES = [
     TableConfig(name="item", dim=16, initial_capacity=64, min_count=1, ttl_s=120, max_rows=1500,
@@ -118,20 +118,8 @@ def test_new_rows_are_the_same_bits_on_cuda_and_cpu(device: torch.device) -> Non
 
 
 def test_warm_up_on_the_device_leaves_its_stores_untouched(device: torch.device) -> None:
-    """The warm-up runs the store's operations on the device (compiling the Triton kernels there) on
-    a scratch store: a store already trained on the device is left as it was, and trains on after."""
-    config = TableConfig("item", 16, min_count=2, ttl_s=10, max_rows=20_000, optimizer="adam")
-    store = EmbeddingStore([config], seed=1, device=device)
-    keys = torch.tensor([5, 5, 6, 6, 7], dtype=torch.int64, device=device)
-    store.lookup("item", keys, train=True, now_s=1_700_000_100)
-    store.unpin()
-    before = store.stats(), store.version, store.table_items("item")
-    warm_up_kernels([config], device=device)
-    after = store.table_items("item")
-    assert (store.stats(), store.version) == before[:2]
-    assert torch.equal(after[0], before[2][0]) and torch.equal(after[1], before[2][1])
-    rows = store.lookup("item", keys, train=True, now_s=1_700_000_101)
-    assert int((rows >= 0).sum()) == 5  # 7 reached min_count on its second sighting
+    """The warm-up on the device (compiling the Triton kernels there) works on a scratch store."""
+    assert_warm_up_leaves_a_store_untouched(device)
 
 
 @pytest.mark.parametrize("initial_capacity", [1, 2, 3])

@@ -47,13 +47,22 @@ def test_after_a_warm_up_a_stores_work_compiles_nothing_more(name: str) -> None:
     assert warm["ran"] == warm["warmed"]
 
 
-def test_warm_up_leaves_other_stores_untouched() -> None:
-    config = TableConfig("item", 8, min_count=2, ttl_s=10)
-    store = EmbeddingStore([config], seed=1)
-    store.lookup("item", torch.tensor([5, 5, 6, 6, 7], dtype=torch.int64), train=True, now_s=1_700_000_100)
+def assert_warm_up_leaves_a_store_untouched(device: torch.device | str) -> None:
+    """A store already trained on `device` is left as it was by a warm-up of its own settings there
+    (the warm-up works on a scratch store), and trains on after it."""
+    config = TableConfig("item", 16, min_count=2, ttl_s=10, max_rows=20_000, optimizer="adam")
+    store = EmbeddingStore([config], seed=1, device=device)
+    keys = torch.tensor([5, 5, 6, 6, 7], dtype=torch.int64, device=device)
+    store.lookup("item", keys, train=True, now_s=1_700_000_100)
     store.unpin()
     before = store.stats(), store.version, store.table_items("item")
-    warm_up_kernels([config])
-    keys, weights = store.table_items("item")
+    warm_up_kernels([config], device=device)
+    after = store.table_items("item")
     assert (store.stats(), store.version) == before[:2]
-    assert torch.equal(keys, before[2][0]) and torch.equal(weights, before[2][1])
+    assert torch.equal(after[0], before[2][0]) and torch.equal(after[1], before[2][1])
+    rows = store.lookup("item", keys, train=True, now_s=1_700_000_101)
+    assert int((rows >= 0).sum()) == 5  # 7 reached min_count on its second sighting
+
+
+def test_warm_up_leaves_other_stores_untouched() -> None:
+    assert_warm_up_leaves_a_store_untouched("cpu")
