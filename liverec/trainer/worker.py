@@ -312,6 +312,20 @@ class TrainerWorker:
             return None
         return marks  # type: ignore[return-value]
 
+    def _caught_up(self) -> bool:
+        """Every partition consumed to its log end as the latest fetch responses report it.
+
+        Idle exit counts quiet time only from here: a broker slow to answer (a loaded machine, a
+        stall, the first fetch after a restart) gives no records for a while, yet the log may still
+        hold events, and a replay that exits then silently skips them. Before every partition has
+        answered a fetch the ends are unknown, so not caught up: an unreachable broker keeps the
+        trainer waiting rather than ending the run as if the log were drained."""
+        ends = self._log_ends()
+        if ends is None:
+            return False
+        topic = self.config.topics.events
+        return all(self.consumer.position(TopicPartition(topic, p)) >= end for p, end in ends.items())
+
     def _update_lag(self) -> None:
         now = time.monotonic()
         if now - self._last_lag_time < _LAG_EVERY_S:
@@ -324,7 +338,8 @@ class TrainerWorker:
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self, *, max_events: int | None = None, idle_exit_s: float | None = None) -> Counters:
-        """Train until stopped, `max_events` records consumed in total, or `idle_exit_s` without data."""
+        """Train until stopped, `max_events` records consumed in total, or `idle_exit_s` without data
+        once caught up with the log (`_caught_up`)."""
         tc = self.config.trainer
         self.warm_up()
         self._connect()
@@ -367,7 +382,8 @@ class TrainerWorker:
                         self.checkpoint()
                     if self._reencode_stale():
                         pass  # idle: the bounded background re-encode catches up on stale states
-                    elif idle_exit_s is not None and now - last_data >= idle_exit_s and not any(buffers.values()):
+                    elif idle_exit_s is not None and now - last_data >= idle_exit_s and not any(buffers.values()) \
+                            and self._caught_up():
                         break
                 self._send_publish_slice()
                 self._reencode_owed_slice()

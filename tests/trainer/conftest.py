@@ -27,22 +27,27 @@ def publish_ml100k(config: LiverecConfig, ml100k: Path, n: int) -> None:
     replay_into(config, rebase_times(load_dataset(str(ml100k)).table)[0], limit=n)
 
 
-def read_topic(config: LiverecConfig, topic: str, partitions: int, idle_s: float = 2.0) -> list:
-    """Every record of `topic`, by manual assignment from offset 0 (no group join to wait for)."""
+def read_topic(config: LiverecConfig, topic: str, partitions: int, timeout_s: float = 60.0) -> list:
+    """Every record of `topic`, by manual assignment from offset 0 (no group join to wait for),
+    read up to the high watermark each partition's fetch responses report: to the log's end
+    however slowly the broker answers, where a read that stopped after a quiet spell could stop
+    short of it on a loaded machine."""
     consumer = make_consumer(config.kafka, group_id=None)
     tps = [TopicPartition(topic, p) for p in range(partitions)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     records: list = []
-    idle_since = time.monotonic()
+    deadline = time.monotonic() + timeout_s
     try:
-        while time.monotonic() - idle_since < idle_s:
+        while True:
             for batch in consumer.poll(timeout_ms=200).values():
                 records.extend(batch)
-                idle_since = time.monotonic()
+            marks = [consumer.highwater(tp) for tp in tps]
+            if all(mark is not None and consumer.position(tp) >= mark for tp, mark in zip(tps, marks)):
+                return records
+            assert time.monotonic() < deadline, f"{topic}: not read to its end in {timeout_s} s"
     finally:
         consumer.close()
-    return records
 
 
 def log_ends(config: LiverecConfig) -> dict[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from google.protobuf import descriptor_pb2
 from kafka import TopicPartition
 
 from liverec.model.codecs.record import decode_record
+from liverec.platform.broker import LocalBroker
 from liverec.platform.config import ConfigError
 from liverec.platform.datasets import load_dataset
 from liverec.platform.events import MIN_EVENT_TIME_MS, encode_event
@@ -360,3 +362,34 @@ def test_a_users_state_includes_an_event_before_the_learner_has_learned_it(confi
         worker.stop.set()
         thread.join(timeout=60)
 
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_idle_exit_waits_out_a_stalled_broker_and_still_reads_the_whole_log(config, ml100k, tmp_path,
+                                                                             deterministic) -> None:
+    """`idle_exit_s` is quiet time once caught up with the log, not time without records: a broker
+    that answers nothing for longer (stopped with SIGSTOP right after the trainer connects, on a
+    broker of this test's own) must not end the run with the log unread. On a loaded machine a
+    slow first fetch is the same situation."""
+    with LocalBroker() as own:
+        cfg = dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=own.bootstrap))
+        publish_ml100k(cfg, ml100k, 400)
+        worker = TrainerWorker(small(cfg, tmp_path / "state", deterministic=deterministic))
+        connect = worker._connect
+        stalled = threading.Event()
+
+        def connect_then_stall() -> None:
+            connect()
+            os.kill(own.pid, signal.SIGSTOP)
+            stalled.set()
+            threading.Timer(2.5, os.kill, (own.pid, signal.SIGCONT)).start()
+
+        worker._connect = connect_then_stall
+        try:
+            counters = worker.run(idle_exit_s=1)
+        finally:
+            os.kill(own.pid, signal.SIGCONT)
+        assert stalled.is_set()
+        assert counters.applied == counters.consumed == 400
+        ends = log_ends(cfg)
+        assert {p: worker.offsets.get(p, 0) for p in ends} == ends
