@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", help="cut batches by offsets: bit-identical replays")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port on 127.0.0.1 (0: any free)")
     p.add_argument("--max-events", type=int, default=None, help="stop after consuming this many records")
-    p.add_argument("--idle-exit", type=float, default=None, help="stop after this many seconds without new events, once caught up with the log")
+    p.add_argument("--idle-exit", type=float, default=None,
+                   help="stop after this many seconds without new events, once caught up with the log")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -363,7 +363,6 @@ def test_a_users_state_includes_an_event_before_the_learner_has_learned_it(confi
         thread.join(timeout=60)
 
 
-
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_idle_exit_waits_out_a_stalled_broker_and_still_reads_the_whole_log(config, ml100k, tmp_path,
                                                                              deterministic) -> None:
@@ -377,17 +376,19 @@ def test_idle_exit_waits_out_a_stalled_broker_and_still_reads_the_whole_log(conf
         worker = TrainerWorker(small(cfg, tmp_path / "state", deterministic=deterministic))
         connect = worker._connect
         stalled = threading.Event()
+        resume = threading.Timer(2.5, os.kill, (own.pid, signal.SIGCONT))
 
         def connect_then_stall() -> None:
             connect()
             os.kill(own.pid, signal.SIGSTOP)
             stalled.set()
-            threading.Timer(2.5, os.kill, (own.pid, signal.SIGCONT)).start()
+            resume.start()
 
         worker._connect = connect_then_stall
         try:
             counters = worker.run(idle_exit_s=1)
         finally:
+            resume.cancel()
             os.kill(own.pid, signal.SIGCONT)
         assert stalled.is_set()
         assert counters.applied == counters.consumed == 400
