@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from kafka.record import util as record_util
@@ -79,6 +79,15 @@ def make_consumer(config: KafkaConfig, *topics: str, group_id: str | None, **ove
         "fetch_max_wait_ms": config.consumer_fetch_max_wait_ms,
     }
     return KafkaConsumer(*topics, **(settings | overrides))
+
+
+def consumed_to_high_watermark(consumer: KafkaConsumer, partitions: list[TopicPartition]) -> bool:
+    """Whether `consumer` has read each of `partitions` up to the high watermark its latest fetch
+    response reported: the log's end, as far as this consumer can know it. A partition that has
+    not answered a fetch yet has no known end, so it is not caught up. (Not ListOffsets: the local
+    Tansu broker answers ListOffsets(latest) with the base offset of the last record batch.)"""
+    marks = [consumer.highwater(tp) for tp in partitions]
+    return all(mark is not None and consumer.position(tp) >= mark for tp, mark in zip(partitions, marks))
 
 
 def make_admin(config: KafkaConfig, **overrides: Any) -> KafkaAdminClient:

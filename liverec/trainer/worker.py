@@ -53,7 +53,7 @@ from liverec.model.codecs.registry import codec_from_config
 from liverec.model.encoder import KVCache
 from liverec.platform.config import ConfigError, LiverecConfig
 from liverec.platform.heap import HeapTrimmer
-from liverec.platform.kafka import ensure_topics, make_consumer, make_producer
+from liverec.platform.kafka import consumed_to_high_watermark, ensure_topics, make_consumer, make_producer
 from liverec.platform.state_dir import StateDirLock
 from liverec.trainer.checkpoint import CheckpointManager
 from liverec.trainer.codec_training import CodecTrainer
@@ -320,11 +320,8 @@ class TrainerWorker:
         hold events, and a replay that exits then silently skips them. Before every partition has
         answered a fetch the ends are unknown, so not caught up: an unreachable broker keeps the
         trainer waiting rather than ending the run as if the log were drained."""
-        ends = self._log_ends()
-        if ends is None:
-            return False
         topic = self.config.topics.events
-        return all(self.consumer.position(TopicPartition(topic, p)) >= end for p, end in ends.items())
+        return consumed_to_high_watermark(self.consumer, [TopicPartition(topic, p) for p in self.partitions])
 
     def _update_lag(self) -> None:
         now = time.monotonic()

@@ -11,7 +11,7 @@ from kafka import TopicPartition
 from liverec.model.config import EncoderConfig, ModelConfig
 from liverec.platform.config import LiverecConfig
 from liverec.platform.datasets import load_dataset
-from liverec.platform.kafka import make_consumer
+from liverec.platform.kafka import consumed_to_high_watermark, make_consumer
 from liverec.platform.replay import rebase_times, replay_into
 
 
@@ -42,8 +42,7 @@ def read_topic(config: LiverecConfig, topic: str, partitions: int, timeout_s: fl
         while True:
             for batch in consumer.poll(timeout_ms=200).values():
                 records.extend(batch)
-            marks = [consumer.highwater(tp) for tp in tps]
-            if all(mark is not None and consumer.position(tp) >= mark for tp, mark in zip(tps, marks)):
+            if consumed_to_high_watermark(consumer, tps):
                 return records
             assert time.monotonic() < deadline, f"{topic}: not read to its end in {timeout_s} s"
     finally:
